@@ -1,0 +1,56 @@
+# onkos — the two commands:
+#   make run    install what is missing, then serve the API on 127.0.0.1:8080 (embedded Postgres)
+#   make test   install what is missing, then run every check CI runs
+# Both install PostgreSQL server binaries (apt) and the ONNX Runtime library (PyPI wheel) when absent.
+
+SHELL := /bin/bash
+ORT_VERSION := 1.31.1
+ORT_DIR := $(CURDIR)/target/onnxruntime-$(ORT_VERSION)
+ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
+export ORT_DYLIB_PATH ?= $(ORT_LIB)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps postgres lint openapi sqlx-prepare models
+
+run: deps
+	cargo run --release --locked -- serve
+
+test: deps
+	cargo fmt --all -- --check
+	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
+	SQLX_OFFLINE=true cargo test --locked --all-targets
+
+deps: postgres $(ORT_LIB)
+
+# Server binaries only: onkos starts its own private cluster from them.
+postgres:
+	@if command -v initdb >/dev/null && command -v postgres >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries: present"; \
+	else \
+		echo "PostgreSQL server binaries: installing (apt-get install postgresql)"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; \
+	fi
+
+# The CPU build of ONNX Runtime, taken from the official PyPI wheel (no compiler, no CDN).
+$(ORT_LIB):
+	@command -v python3 >/dev/null || { echo "python3 is required to fetch ONNX Runtime"; exit 1; }
+	@python3 -m pip --version >/dev/null 2>&1 || { echo "pip: installing python3-pip"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-pip; }
+	rm -rf $(ORT_DIR) && mkdir -p $(ORT_DIR)/wheel
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(ORT_DIR)/wheel onnxruntime==$(ORT_VERSION)
+	python3 -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob('$(ORT_DIR)/wheel/*.whl')[0]); \
+		open('$@', 'wb').write(z.read('onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)'))"
+	rm -rf $(ORT_DIR)/wheel
+	@echo "ONNX Runtime $(ORT_VERSION): $@"
+
+# Regenerate the committed OpenAPI document from the code.
+openapi:
+	SQLX_OFFLINE=true cargo run --quiet -- openapi > openapi/openapi.json
+
+# Refresh .sqlx/ (compile-time query data) against a migrated database at DATABASE_URL.
+sqlx-prepare:
+	rm -rf .sqlx && mkdir .sqlx && touch src/lib.rs && SQLX_OFFLINE_DIR=$(CURDIR)/.sqlx cargo check --all-targets
+
+# Retrain the bundled models (pinned requirements; reproduces the committed files).
+models:
+	python3 -m venv target/models-venv && target/models-venv/bin/pip install -q -r models/requirements.txt
+	target/models-venv/bin/python models/breast-fna-malignancy/train.py

@@ -1,0 +1,60 @@
+-- One analysis per accepted request; tenant_id on every row, every query filters on it.
+create table analyses (
+    id            uuid primary key,
+    tenant_id     text not null,
+    submitted_by  text not null,
+    subject       text,
+    model_name    text not null,
+    model_version text not null,
+    model_sha256  text not null,
+    priority      text not null check (priority in ('routine', 'stat')),
+    status        text not null default 'queued'
+                  check (status in ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    input         jsonb not null,
+    input_sha256  text not null,
+    error         text,
+    validate_ms   double precision not null,
+    created_at    timestamptz not null default now(),
+    started_at    timestamptz,
+    finished_at   timestamptz
+);
+
+create index analyses_tenant_recent on analyses (tenant_id, id desc);
+
+-- The queue. One job per analysis, written in the same transaction as the analysis.
+create table jobs (
+    analysis_id      uuid primary key references analyses (id) on delete cascade,
+    tenant_id        text not null,
+    priority         smallint not null,  -- 0 = stat, 1 = routine: lower runs first
+    state            text not null default 'queued'
+                     check (state in ('queued', 'running', 'done', 'failed', 'cancelled')),
+    attempts         integer not null default 0,
+    lease_owner      uuid,
+    lease_expires_at timestamptz,
+    enqueued_at      timestamptz not null default now()
+);
+
+create index jobs_claimable on jobs (priority, enqueued_at) where state in ('queued', 'running');
+
+-- Written in the same transaction that completes the job, so a result exists exactly once.
+create table results (
+    analysis_id        uuid primary key references analyses (id) on delete cascade,
+    tenant_id          text not null,
+    result             jsonb not null,
+    timings            jsonb not null,
+    execution_provider text not null,
+    created_at         timestamptz not null default now()
+);
+
+-- Who read which result, and when.
+create table audit_events (
+    id          bigint generated always as identity primary key,
+    tenant_id   text not null,
+    actor       text not null,
+    action      text not null,
+    target_type text not null,
+    target_id   text not null,
+    at          timestamptz not null default now()
+);
+
+create index audit_events_tenant_at on audit_events (tenant_id, at desc);

@@ -1,0 +1,129 @@
+//! The application: state built once from a `Config`, the HTTP server and the in-process worker.
+
+use crate::auth::verify::Verifier;
+use crate::config::Config;
+use crate::db::Database;
+use crate::inference::SessionOptions;
+use crate::jobs::worker::Worker;
+use crate::registry::Registry;
+use anyhow::Context;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Everything a request handler may need, built once.
+#[derive(Debug)]
+pub struct App {
+    pub config: Config,
+    pub pool: PgPool,
+    pub registry: Arc<Registry>,
+    pub verifier: Verifier,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// A bound, ready-to-run server (port 0 in tests), its worker and, in the default mode, the
+/// embedded database it owns.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    worker: Worker,
+    database: Option<Database>,
+}
+
+impl Application {
+    /// Opens the database (external or embedded), then builds everything else on it.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let database = Database::open(&config).await?;
+        let mut app = Self::with_pool(config, database.pool.clone()).await?;
+        app.database = Some(database);
+        Ok(app)
+    }
+
+    /// Builds on an existing, migrated pool (tests give each test its own database).
+    pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<Self> {
+        let options = SessionOptions {
+            env: crate::inference::init_runtime(config.ort_dylib_path.as_deref())?,
+            try_cuda: config.execution_provider == "auto",
+            threads: config.inference_threads,
+        };
+        let models_dir = config.models_dir.clone();
+        let registry =
+            tokio::task::spawn_blocking(move || Registry::load_dir(&models_dir, &options))
+                .await??;
+        let registry = Arc::new(registry);
+        tracing::info!(provider = registry.provider(), "execution provider");
+        let verifier = Verifier::from_config(&config)?;
+        let listener = TcpListener::bind(config.listen_addr())
+            .await
+            .with_context(|| format!("ONKOS_LISTEN: cannot listen on {}", config.listen))?;
+        let worker = Worker::new(
+            pool.clone(),
+            Arc::clone(&registry),
+            config.worker_batch_size,
+            config.worker_lease_secs,
+        );
+        let state = AppState(Arc::new(App {
+            config,
+            pool,
+            registry,
+            verifier,
+        }));
+        Ok(Self {
+            listener,
+            state,
+            worker,
+            database: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.state.config.listen_addr())
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The worker, for tests that step it explicitly.
+    pub fn worker(&self) -> Worker {
+        self.worker.clone()
+    }
+
+    /// Serves (and, when configured, works) until `shutdown`; in-flight requests finish, the worker
+    /// completes its current batch, then the embedded database stops.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let router = crate::http::router(self.state.clone());
+        tracing::info!(addr = %self.local_addr(), "listening");
+        let worker = self.state.config.worker.then(|| {
+            let poll = Duration::from_millis(self.state.config.worker_poll_ms);
+            tokio::spawn(self.worker.clone().run(shutdown.clone(), poll))
+        });
+        let server = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = server.await;
+        shutdown.cancel();
+        if let Some(worker) = worker {
+            worker.await?;
+        }
+        if let Some(database) = self.database {
+            database.close().await?;
+        }
+        Ok(served?)
+    }
+}

@@ -1,0 +1,209 @@
+//! Token verification. The algorithm comes from configuration, never from the token; `iss`, `aud`,
+//! `exp` and `nbf` are checked; keys come from a PEM file, a JWKS URL or the development key pair.
+
+use super::{Principal, Role};
+use crate::config::Config;
+use crate::domain::ids::TenantId;
+use crate::error::ApiError;
+use anyhow::Context;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, RwLock};
+
+/// The claims onkos reads. `tenant` and `roles` are private claims set by the issuer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub exp: u64,
+    pub nbf: u64,
+    pub iat: u64,
+    pub tenant: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawClaims {
+    sub: String,
+    tenant: String,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// A JWKS fetched on demand and again when a token names a key id it does not hold (key rotation),
+/// at most once per `REFRESH_COOLDOWN` so unknown-kid floods cannot hammer the issuer.
+struct Jwks {
+    url: String,
+    client: reqwest::Client,
+    keys: RwLock<HashMap<String, DecodingKey>>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+const REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
+
+enum Keys {
+    /// One key; when it has a kid, a token naming another kid is refused.
+    Single {
+        kid: Option<String>,
+        key: DecodingKey,
+    },
+    Jwks(Jwks),
+}
+
+pub struct Verifier {
+    validation: Validation,
+    keys: Keys,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn algorithm(name: &str) -> anyhow::Result<Algorithm> {
+    match name {
+        "EdDSA" => Ok(Algorithm::EdDSA),
+        "ES256" => Ok(Algorithm::ES256),
+        "RS256" => Ok(Algorithm::RS256),
+        other => anyhow::bail!("ONKOS_AUTH_ALGORITHM: {other:?} is not one of EdDSA, ES256, RS256"),
+    }
+}
+
+fn decoding_key(alg: Algorithm, pem: &[u8]) -> jsonwebtoken::errors::Result<DecodingKey> {
+    match alg {
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+        Algorithm::ES256 => DecodingKey::from_ec_pem(pem),
+        _ => DecodingKey::from_rsa_pem(pem),
+    }
+}
+
+impl Verifier {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let alg = algorithm(&config.auth_algorithm)?;
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&config.auth_issuer]);
+        validation.set_audience(&[&config.auth_audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        let keys = if let Some(url) = &config.auth_jwks_url {
+            Keys::Jwks(Jwks {
+                url: url.clone(),
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()?,
+                keys: RwLock::new(HashMap::new()),
+                last_fetch: Mutex::new(None),
+            })
+        } else if let Some(path) = &config.auth_public_key {
+            let pem = std::fs::read(path).with_context(|| {
+                format!("ONKOS_AUTH_PUBLIC_KEY: cannot read {}", path.display())
+            })?;
+            let key = decoding_key(alg, &pem).with_context(|| {
+                format!(
+                    "ONKOS_AUTH_PUBLIC_KEY: {} is not a {alg:?} public key",
+                    path.display()
+                )
+            })?;
+            Keys::Single { kid: None, key }
+        } else {
+            anyhow::ensure!(
+                alg == Algorithm::EdDSA,
+                "ONKOS_AUTH_ALGORITHM: the development key pair is Ed25519, so it must be EdDSA (or configure a key)"
+            );
+            let dev = super::keys::DevKeys::load_or_create(&config.keys_dir())?;
+            Keys::Single {
+                kid: Some(dev.kid.clone()),
+                key: DecodingKey::from_ed_pem(dev.public_pem.as_bytes())?,
+            }
+        };
+        Ok(Self { validation, keys })
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let reject = |why: String| ApiError::Unauthorized(why);
+        let header =
+            decode_header(token).map_err(|e| reject(format!("unreadable token header: {e}")))?;
+        let claims = match &self.keys {
+            Keys::Single { kid, key } => {
+                if let (Some(expected), Some(got)) = (kid, &header.kid)
+                    && expected != got
+                {
+                    return Err(reject(format!("unknown key id {got:?}")));
+                }
+                decode::<RawClaims>(token, key, &self.validation)
+            }
+            Keys::Jwks(jwks) => {
+                let kid = header
+                    .kid
+                    .ok_or_else(|| reject("token has no key id".into()))?;
+                let key = jwks
+                    .key(&kid)
+                    .await
+                    .map_err(|e| reject(format!("key id {kid:?}: {e}")))?;
+                decode::<RawClaims>(token, &key, &self.validation)
+            }
+        }
+        .map_err(|e| reject(format!("invalid token: {e}")))?
+        .claims;
+        let tenant = TenantId::parse(&claims.tenant).map_err(reject)?;
+        Ok(Principal {
+            subject: claims.sub,
+            tenant,
+            roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
+        })
+    }
+}
+
+impl Jwks {
+    async fn key(&self, kid: &str) -> anyhow::Result<DecodingKey> {
+        if let Some(key) = self.keys.read().await.get(kid) {
+            return Ok(key.clone());
+        }
+        {
+            let mut last = self.last_fetch.lock().await;
+            // Another request may have refreshed while this one waited for the lock.
+            if let Some(key) = self.keys.read().await.get(kid) {
+                return Ok(key.clone());
+            }
+            if last.is_some_and(|t| t.elapsed() < REFRESH_COOLDOWN) {
+                anyhow::bail!(
+                    "not in the key set (refreshed {:?} ago)",
+                    last.map(|t| t.elapsed())
+                );
+            }
+            *last = Some(Instant::now());
+            let set: JwkSet = self
+                .client
+                .get(&self.url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let fresh: HashMap<String, DecodingKey> = set
+                .keys
+                .iter()
+                .filter_map(|jwk| {
+                    Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?))
+                })
+                .collect();
+            tracing::info!(url = %self.url, keys = fresh.len(), "refreshed the JWKS");
+            *self.keys.write().await = fresh;
+        }
+        self.keys
+            .read()
+            .await
+            .get(kid)
+            .cloned()
+            .context("not in the key set")
+    }
+}

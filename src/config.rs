@@ -1,0 +1,234 @@
+//! Typed configuration: embedded defaults, then an optional TOML file, then `ONKOS_*` variables
+//! (plus `DATABASE_URL` and `ORT_DYLIB_PATH`). `validate` names the setting that is wrong.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every setting, with the name it has in the TOML file; the variable is `ONKOS_` + upper case.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// External Postgres. Unset: a private cluster under `data_dir/postgres`.
+    pub database_url: Option<String>,
+    pub db_max_connections: u32,
+    /// The system user the embedded cluster runs as when onkos runs as root.
+    pub embedded_pg_user: String,
+    /// Folder with `initdb` and `pg_ctl`; unset: PATH, then /usr/lib/postgresql/*/bin.
+    pub embedded_pg_bin: Option<PathBuf>,
+    pub auth_issuer: String,
+    pub auth_audience: String,
+    /// `EdDSA`, `ES256` or `RS256`; tokens signed any other way are refused.
+    pub auth_algorithm: String,
+    /// PEM public key. With neither this nor a JWKS URL, onkos trusts a development key pair it
+    /// generates in `data_dir/keys` (and `onkos token` signs with it).
+    pub auth_public_key: Option<PathBuf>,
+    pub auth_jwks_url: Option<String>,
+    pub request_timeout_secs: u64,
+    pub body_limit_bytes: usize,
+    pub models_dir: PathBuf,
+    /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.x`).
+    pub ort_dylib_path: Option<PathBuf>,
+    /// `auto` tries CUDA and falls back to CPU; `cpu` never tries CUDA.
+    pub execution_provider: String,
+    pub inference_threads: usize,
+    /// Run the in-process worker in `serve`.
+    pub worker: bool,
+    pub worker_batch_size: u32,
+    pub worker_lease_secs: u32,
+    pub worker_poll_ms: u64,
+    pub log: String,
+}
+
+impl std::fmt::Debug for Config {
+    // The database URL can carry a password; never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("auth_issuer", &self.auth_issuer)
+            .field("auth_algorithm", &self.auth_algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: "./var".into(),
+            database_url: None,
+            db_max_connections: 16,
+            embedded_pg_user: "postgres".into(),
+            embedded_pg_bin: None,
+            auth_issuer: "onkos-dev".into(),
+            auth_audience: "onkos".into(),
+            auth_algorithm: "EdDSA".into(),
+            auth_public_key: None,
+            auth_jwks_url: None,
+            request_timeout_secs: 30,
+            body_limit_bytes: 1024 * 1024,
+            models_dir: "./models".into(),
+            ort_dylib_path: None,
+            execution_provider: "auto".into(),
+            inference_threads: 1,
+            worker: true,
+            worker_batch_size: 64,
+            worker_lease_secs: 60,
+            worker_poll_ms: 500,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults ← TOML file (`file`, or `ONKOS_CONFIG`) ← environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let env_file = std::env::var_os("ONKOS_CONFIG").map(PathBuf::from);
+        if let Some(path) = file.map(Path::to_path_buf).or(env_file) {
+            anyhow::ensure!(
+                path.is_file(),
+                "config file {} (ONKOS_CONFIG) does not exist",
+                path.display()
+            );
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("ONKOS_").ignore(&["config"]))
+            .merge(Env::raw().only(&["database_url", "ort_dylib_path"]))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses a configuration that cannot work, naming the variable to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let bad =
+            |var: &str, why: String| Err(anyhow::anyhow!("invalid configuration: {var}: {why}"));
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            return bad(
+                "ONKOS_LISTEN",
+                format!("{:?} is not host:port ({e})", self.listen),
+            );
+        }
+        if !["EdDSA", "ES256", "RS256"].contains(&self.auth_algorithm.as_str()) {
+            return bad(
+                "ONKOS_AUTH_ALGORITHM",
+                format!(
+                    "{:?} is not one of EdDSA, ES256, RS256",
+                    self.auth_algorithm
+                ),
+            );
+        }
+        if self.auth_public_key.is_some() && self.auth_jwks_url.is_some() {
+            return bad(
+                "ONKOS_AUTH_PUBLIC_KEY",
+                "set it or ONKOS_AUTH_JWKS_URL, not both".into(),
+            );
+        }
+        if let Some(url) = &self.auth_jwks_url
+            && !(url.starts_with("https://")
+                || url.starts_with("http://127.")
+                || url.starts_with("http://localhost"))
+        {
+            return bad(
+                "ONKOS_AUTH_JWKS_URL",
+                "must be https:// (plain http only on loopback)".into(),
+            );
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return bad(
+                "DATABASE_URL",
+                "must start with postgres:// or postgresql://".into(),
+            );
+        }
+        if !["auto", "cpu"].contains(&self.execution_provider.as_str()) {
+            return bad(
+                "ONKOS_EXECUTION_PROVIDER",
+                format!("{:?} is not auto or cpu", self.execution_provider),
+            );
+        }
+        for (var, value) in [
+            (
+                "ONKOS_DB_MAX_CONNECTIONS",
+                u64::from(self.db_max_connections),
+            ),
+            ("ONKOS_REQUEST_TIMEOUT_SECS", self.request_timeout_secs),
+            ("ONKOS_BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
+            ("ONKOS_INFERENCE_THREADS", self.inference_threads as u64),
+            ("ONKOS_WORKER_BATCH_SIZE", u64::from(self.worker_batch_size)),
+            ("ONKOS_WORKER_LEASE_SECS", u64::from(self.worker_lease_secs)),
+            ("ONKOS_WORKER_POLL_MS", self.worker_poll_ms),
+        ] {
+            if value == 0 {
+                return bad(var, "must be greater than 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+
+    /// True when onkos mints and trusts its own development key pair.
+    pub fn dev_auth(&self) -> bool {
+        self.auth_public_key.is_none() && self.auth_jwks_url.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases: [(fn(&mut Config), &str); 4] = [
+            (|c| c.listen = "nowhere".into(), "ONKOS_LISTEN"),
+            (
+                |c| c.auth_algorithm = "HS256".into(),
+                "ONKOS_AUTH_ALGORITHM",
+            ),
+            (
+                |c| c.database_url = Some("mysql://x".into()),
+                "DATABASE_URL",
+            ),
+            (|c| c.worker_batch_size = 0, "ONKOS_WORKER_BATCH_SIZE"),
+        ];
+        for (break_it, var) in cases {
+            let mut config = Config::default();
+            break_it(&mut config);
+            let message = config
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(message.contains(var), "{message:?} does not name {var}");
+        }
+    }
+}

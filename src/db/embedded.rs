@@ -1,0 +1,317 @@
+//! The default database: a private PostgreSQL cluster in the data folder, started from the
+//! machine's own server binaries, reachable only through a Unix socket, stopped when onkos stops.
+//!
+//! The server runs as a child of a dedicated thread with `PR_SET_PDEATHSIG`, so even a `kill -9` of
+//! onkos takes the cluster down with it; a graceful stop sends SIGINT (PostgreSQL's fast shutdown).
+#![allow(unsafe_code)] // pre_exec + prctl, see `spawn_server`.
+
+use anyhow::{Context, bail};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The superuser initdb creates, and the database onkos uses in it.
+const SUPERUSER: &str = "onkos";
+const DATABASE: &str = "onkos";
+/// sockaddr_un holds 108 bytes; PostgreSQL appends `/.s.PGSQL.5432`.
+const MAX_SOCKET_DIR: usize = 90;
+
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    socket_dir: PathBuf,
+    pid: i32,
+    exited: mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
+}
+
+/// Who the server process runs as. PostgreSQL refuses to run as root.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+impl EmbeddedPostgres {
+    /// Initialises the cluster on first use, starts it and waits until it accepts connections.
+    pub async fn start(
+        cluster_dir: &Path,
+        bin_dir: Option<&Path>,
+        root_user: &str,
+    ) -> anyhow::Result<Self> {
+        let bin = find_bin_dir(bin_dir)?;
+        let run_as = run_as(root_user)?;
+        let cluster_dir = absolute(cluster_dir)?;
+        let data = cluster_dir.join("data");
+        private_dir(&cluster_dir, run_as)?;
+        if !data.join("PG_VERSION").exists() {
+            init_cluster(&bin, &data, run_as)?;
+        }
+        let socket_dir = socket_dir(&cluster_dir);
+        private_dir(&socket_dir, run_as)?;
+        let (pid, exited) = spawn_server(&bin, &data, &socket_dir, &cluster_dir, run_as)?;
+        let server = Self {
+            socket_dir,
+            pid,
+            exited,
+        };
+        server.wait_ready(Duration::from_secs(60)).await?;
+        server.ensure_database(DATABASE).await?;
+        Ok(server)
+    }
+
+    /// Connection options for a database in this cluster.
+    pub fn options(&self, database: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .socket(&self.socket_dir)
+            .username(SUPERUSER)
+            .database(database)
+    }
+
+    pub fn default_options(&self) -> PgConnectOptions {
+        self.options(DATABASE)
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.options("postgres").connect().await {
+                Ok(conn) => return Ok(conn.close().await?),
+                Err(e) => {
+                    if let Ok(status) = self.exited.try_recv() {
+                        bail!(
+                            "the embedded PostgreSQL exited during start-up ({status:?}); see {}",
+                            self.log_hint()
+                        );
+                    }
+                    if start.elapsed() > limit {
+                        bail!(
+                            "the embedded PostgreSQL did not accept connections within {limit:?}: {e}"
+                        );
+                    }
+                    // Start-up polling, not a test wait: the server gives no other readiness signal.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn ensure_database(&self, name: &str) -> anyhow::Result<()> {
+        let mut conn = self.options("postgres").connect().await?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("select 1 from pg_database where datname = $1")
+                .bind(name)
+                .fetch_optional(&mut conn)
+                .await?;
+        if exists.is_none() {
+            // The name is one of our own constants, never caller input.
+            sqlx::query(sqlx::AssertSqlSafe(format!("create database \"{name}\"")))
+                .execute(&mut conn)
+                .await?;
+        }
+        Ok(conn.close().await?)
+    }
+
+    fn log_hint(&self) -> String {
+        "the server log in the cluster folder (postgres.log)".into()
+    }
+
+    /// Fast shutdown: open transactions roll back, the cluster is consistent on disk.
+    pub fn stop(self) -> anyhow::Result<()> {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
+        match self.exited.recv_timeout(Duration::from_secs(30)) {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+                bail!("the embedded PostgreSQL did not stop within 30 s and was killed")
+            }
+        }
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+/// PATH first (an operator's choice wins), then Debian/Ubuntu's versioned folders, newest first.
+fn find_bin_dir(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = configured {
+        anyhow::ensure!(
+            has_server(dir),
+            "ONKOS_EMBEDDED_PG_BIN: {} has no initdb and postgres",
+            dir.display()
+        );
+        return Ok(dir.to_path_buf());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut versioned: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| dirs.flatten().map(|d| d.path().join("bin")).collect())
+        .unwrap_or_default();
+    versioned.sort_by_key(|p| {
+        let version = p
+            .parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok());
+        std::cmp::Reverse(version)
+    });
+    on_path
+        .into_iter()
+        .chain(versioned)
+        .find(|dir| has_server(dir))
+        .context(
+            "no PostgreSQL server binaries (initdb, postgres) found on PATH or in /usr/lib/postgresql/*/bin; \
+             install them (Debian/Ubuntu: apt-get install postgresql) or set DATABASE_URL to an existing server",
+        )
+}
+
+fn run_as(root_user: &str) -> anyhow::Result<Option<RunAs>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let user = nix::unistd::User::from_name(root_user)?.with_context(|| {
+        format!(
+            "onkos runs as root and PostgreSQL refuses to; the user {root_user:?} (ONKOS_EMBEDDED_PG_USER) \
+             to run it as does not exist: create one (useradd --system {root_user}) or run onkos as a normal user"
+        )
+    })?;
+    Ok(Some(RunAs {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }))
+}
+
+fn private_dir(dir: &Path, run_as: Option<RunAs>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(RunAs { uid, gid }) = run_as {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .with_context(|| format!("cannot hand {} to the PostgreSQL user", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The socket lives in the cluster folder unless that path is too long for a Unix socket.
+fn socket_dir(cluster_dir: &Path) -> PathBuf {
+    let preferred = cluster_dir.join("run");
+    if preferred.as_os_str().len() <= MAX_SOCKET_DIR {
+        return preferred;
+    }
+    let digest = hex::encode(
+        &<sha2::Sha256 as sha2::Digest>::digest(cluster_dir.as_os_str().as_encoded_bytes())[..8],
+    );
+    std::env::temp_dir().join(format!("onkos-pg-{digest}"))
+}
+
+fn command(bin: &Path, program: &str, cwd: &Path, run_as: Option<RunAs>) -> Command {
+    let mut cmd = Command::new(bin.join(program));
+    // The caller's working directory may be unreadable for the PostgreSQL user.
+    cmd.current_dir(cwd);
+    cmd.env("LC_ALL", "C").env_remove("PGDATA");
+    if let Some(RunAs { uid, gid }) = run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn init_cluster(bin: &Path, data: &Path, run_as: Option<RunAs>) -> anyhow::Result<()> {
+    let cwd = data.parent().unwrap_or(data);
+    let output = command(bin, "initdb", cwd, run_as)
+        .args([
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+            "-U",
+            SUPERUSER,
+            "-D",
+        ])
+        .arg(data)
+        .output()
+        .context("cannot run initdb")?;
+    if !output.status.success() {
+        bail!(
+            "initdb failed for {}: {}{}",
+            data.display(),
+            String::from_utf8_lossy(&output.stderr).trim(),
+            if run_as.is_some() {
+                " (as root, every folder above the data folder must be enterable by the PostgreSQL user)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+type Exit = mpsc::Receiver<std::io::Result<std::process::ExitStatus>>;
+
+fn spawn_server(
+    bin: &Path,
+    data: &Path,
+    socket: &Path,
+    cluster: &Path,
+    run_as: Option<RunAs>,
+) -> anyhow::Result<(i32, Exit)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cluster.join("postgres.log"))?;
+    if let Some(RunAs { uid, gid }) = run_as {
+        std::os::unix::fs::chown(cluster.join("postgres.log"), Some(uid), Some(gid))?;
+    }
+    let mut cmd = command(bin, "postgres", cluster, run_as);
+    cmd.arg("-D")
+        .arg(data)
+        .arg("-k")
+        .arg(socket)
+        .args([
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
+            "-c",
+            "max_connections=200",
+        ])
+        .args(["-c", "fsync=on", "-c", "synchronous_commit=on"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It runs after std has
+    // switched uid/gid, so the kernel does not clear the death signal on the credential change.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGINT)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let (pid_tx, pid_rx) = mpsc::channel();
+    let (exit_tx, exit_rx) = mpsc::channel();
+    // The death signal fires when the *thread* that forked the child ends, so the child is spawned
+    // from a thread that lives exactly as long as the server.
+    std::thread::Builder::new()
+        .name("embedded-postgres".into())
+        .spawn(move || match cmd.spawn() {
+            Ok(mut child) => {
+                let _ = pid_tx.send(Ok(child.id()));
+                let _ = exit_tx.send(child.wait());
+            }
+            Err(e) => {
+                let _ = pid_tx.send(Err(e));
+            }
+        })?;
+    let pid = pid_rx.recv()?.context("cannot start postgres")?;
+    Ok((i32::try_from(pid)?, exit_rx))
+}

@@ -1,0 +1,95 @@
+//! The HTTP surface: routes, middleware (request id, trace span per route, timeout, body limit)
+//! and the guarantee that every error response is problem+json.
+
+pub mod analyses;
+pub mod extract;
+pub mod health;
+pub mod openapi;
+
+use crate::app::AppState;
+use crate::error::{ApiError, PROBLEM_JSON};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, middleware};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa_swagger_ui::SwaggerUi;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let timeout = state.config.request_timeout();
+    let body_limit = state.config.body_limit_bytes;
+    let api = Router::new()
+        .route("/v1/analyses", get(analyses::list).post(analyses::create))
+        .route("/v1/analyses/{id}", get(analyses::get))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state);
+    let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi_document());
+    Router::new()
+        .merge(docs)
+        .merge(api)
+        .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(CatchPanicLayer::new())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            // Named by route template, not the raw path, to keep span cardinality low.
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str);
+            let request_id = req
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("request", method = %req.method(), route, request_id)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Layers outside our handlers (timeout, panic catcher, body limits) answer with bare bodies; turn
+/// any error response that is not already a problem document into one, so clients parse one format.
+async fn problem_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_problem =
+        response.headers().get(CONTENT_TYPE) == Some(&HeaderValue::from_static(PROBLEM_JSON));
+    if status.as_u16() < 400 || is_problem {
+        return response;
+    }
+    let error = match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ApiError::Timeout,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ApiError::UnsupportedMediaType("unsupported content type".into())
+        }
+        s if s.is_client_error() => {
+            ApiError::BadRequest("the request could not be processed".into())
+        }
+        _ => ApiError::Internal(anyhow::anyhow!("{status} from a middleware layer")),
+    };
+    let mut problem = error.into_response();
+    *problem.status_mut() = status;
+    problem
+}
+
+impl openapi::ApiDoc {
+    pub fn openapi_document() -> utoipa::openapi::OpenApi {
+        <Self as utoipa::OpenApi>::openapi()
+    }
+}

@@ -1,0 +1,48 @@
+//! The OpenAPI 3.1 document, generated from the handlers; served at `/openapi.json` and committed
+//! at `openapi/openapi.json` (a test keeps the two equal).
+
+use crate::http::{analyses, health};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "onkos",
+        description = "AI-driven precision diagnostics for lung and breast cancer: submit an analysis, \
+                       get a structured, traceable result. Research use only, not a medical device. \
+                       Every error is an RFC 9457 problem document (application/problem+json).",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(analyses::create, analyses::list, analyses::get, health::healthz, health::readyz),
+    components(schemas(crate::error::Problem, crate::domain::contract::FieldError)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "analyses", description = "Submit analyses and read their results"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.bearer_format = Some("JWT".into());
+        scheme.description = Some(
+            "A JWT signed with the configured asymmetric key (EdDSA, ES256 or RS256) carrying `tenant` \
+             and `roles` (submitter, clinician, admin) claims."
+                .into(),
+        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The document as served and committed: pretty JSON with a trailing newline.
+pub fn document() -> String {
+    let mut json = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    json.push('\n');
+    json
+}

@@ -1,0 +1,3 @@
+//! Background work: the worker that claims queued analyses, runs them and stores their results.
+
+pub mod worker;

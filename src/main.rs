@@ -1,0 +1,118 @@
+//! The `onkos` binary: parse the command line, build, run until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use onkos::app::Application;
+use onkos::auth::keys::DevKeys;
+use onkos::config::Config;
+use onkos::db::Database;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "onkos",
+    version,
+    about = "AI-driven precision diagnostics for lung and breast cancer (research use)"
+)]
+struct Cli {
+    /// TOML configuration file (also ONKOS_CONFIG); environment variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API and run the in-process worker.
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print a development JWT signed with the key pair the default mode trusts.
+    Token {
+        #[arg(long)]
+        tenant: String,
+        /// submitter, clinician or admin; repeat for several.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// The `sub` claim.
+        #[arg(long, default_value = "dev-user")]
+        subject: String,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => print!("{}", onkos::http::openapi::document()),
+        Command::Token {
+            tenant,
+            roles,
+            ttl,
+            subject,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            print!("{}", mint(&config, &tenant, &roles, ttl.into(), &subject)?);
+            println!();
+        }
+        Command::Migrate => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_tracing(&config);
+            Database::open(&config).await?.close().await?;
+            tracing::info!("migrations applied");
+        }
+        Command::Serve => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_tracing(&config);
+            let shutdown = onkos::shutdown::on_signal();
+            Application::build(config).await?.run(shutdown).await?;
+        }
+    }
+    Ok(())
+}
+
+fn mint(
+    config: &Config,
+    tenant: &str,
+    roles: &[String],
+    ttl: std::time::Duration,
+    subject: &str,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        config.dev_auth(),
+        "onkos token signs with the development key pair, but ONKOS_AUTH_PUBLIC_KEY or ONKOS_AUTH_JWKS_URL is set: \
+         get tokens from that identity provider"
+    );
+    onkos::domain::ids::TenantId::parse(tenant).map_err(anyhow::Error::msg)?;
+    for role in roles {
+        anyhow::ensure!(
+            onkos::auth::Role::parse(role).is_some(),
+            "--role {role:?} is not submitter, clinician or admin"
+        );
+    }
+    let keys = DevKeys::load_or_create(&config.keys_dir())
+        .context("cannot load the development key pair")?;
+    keys.mint(
+        &config.auth_issuer,
+        &config.auth_audience,
+        subject,
+        tenant,
+        roles,
+        ttl,
+    )
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
