@@ -29,6 +29,8 @@ pub struct Config {
     /// generates in `data_dir/keys` (and `onkos token` signs with it).
     pub auth_public_key: Option<PathBuf>,
     pub auth_jwks_url: Option<String>,
+    /// A token naming an unknown key id refetches the JWKS at most this often.
+    pub auth_jwks_min_refresh_secs: u64,
     pub request_timeout_secs: u64,
     pub body_limit_bytes: usize,
     pub models_dir: PathBuf,
@@ -72,6 +74,7 @@ impl Default for Config {
             auth_algorithm: "EdDSA".into(),
             auth_public_key: None,
             auth_jwks_url: None,
+            auth_jwks_min_refresh_secs: 10,
             request_timeout_secs: 30,
             body_limit_bytes: 1024 * 1024,
             models_dir: "./models".into(),
@@ -208,7 +211,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting() {
-        let cases: [(fn(&mut Config), &str); 4] = [
+        type Breakage = fn(&mut Config);
+        let cases: [(Breakage, &str); 4] = [
             (|c| c.listen = "nowhere".into(), "ONKOS_LISTEN"),
             (
                 |c| c.auth_algorithm = "HS256".into(),

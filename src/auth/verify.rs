@@ -36,15 +36,14 @@ struct RawClaims {
 }
 
 /// A JWKS fetched on demand and again when a token names a key id it does not hold (key rotation),
-/// at most once per `REFRESH_COOLDOWN` so unknown-kid floods cannot hammer the issuer.
+/// at most once per `min_refresh` so unknown-kid floods cannot hammer the issuer.
 struct Jwks {
     url: String,
+    min_refresh: Duration,
     client: reqwest::Client,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: Mutex<Option<Instant>>,
 }
-
-const REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
 
 enum Keys {
     /// One key; when it has a kid, a token naming another kid is refused.
@@ -97,6 +96,7 @@ impl Verifier {
         let keys = if let Some(url) = &config.auth_jwks_url {
             Keys::Jwks(Jwks {
                 url: url.clone(),
+                min_refresh: Duration::from_secs(config.auth_jwks_min_refresh_secs),
                 client: reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
                     .build()?,
@@ -174,7 +174,7 @@ impl Jwks {
             if let Some(key) = self.keys.read().await.get(kid) {
                 return Ok(key.clone());
             }
-            if last.is_some_and(|t| t.elapsed() < REFRESH_COOLDOWN) {
+            if last.is_some_and(|t| t.elapsed() < self.min_refresh) {
                 anyhow::bail!(
                     "not in the key set (refreshed {:?} ago)",
                     last.map(|t| t.elapsed())

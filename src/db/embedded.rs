@@ -25,7 +25,8 @@ const MAX_SOCKET_DIR: usize = 90;
 pub struct EmbeddedPostgres {
     socket_dir: PathBuf,
     pid: i32,
-    exited: mpsc::Receiver<std::io::Result<std::process::ExitStatus>>,
+    // In a Mutex only so that the handle is Sync (tests share one cluster through a static).
+    exited: std::sync::Mutex<Exit>,
 }
 
 /// Who the server process runs as. PostgreSQL refuses to run as root.
@@ -44,7 +45,7 @@ impl EmbeddedPostgres {
     ) -> anyhow::Result<Self> {
         let bin = find_bin_dir(bin_dir)?;
         let run_as = run_as(root_user)?;
-        let cluster_dir = absolute(cluster_dir)?;
+        let cluster_dir = std::path::absolute(cluster_dir)?;
         let data = cluster_dir.join("data");
         private_dir(&cluster_dir, run_as)?;
         if !data.join("PG_VERSION").exists() {
@@ -56,7 +57,7 @@ impl EmbeddedPostgres {
         let server = Self {
             socket_dir,
             pid,
-            exited,
+            exited: std::sync::Mutex::new(exited),
         };
         server.wait_ready(Duration::from_secs(60)).await?;
         server.ensure_database(DATABASE).await?;
@@ -81,7 +82,8 @@ impl EmbeddedPostgres {
             match self.options("postgres").connect().await {
                 Ok(conn) => return Ok(conn.close().await?),
                 Err(e) => {
-                    if let Ok(status) = self.exited.try_recv() {
+                    if let Some(status) = self.exited.lock().ok().and_then(|rx| rx.try_recv().ok())
+                    {
                         bail!(
                             "the embedded PostgreSQL exited during start-up ({status:?}); see {}",
                             self.log_hint()
@@ -124,22 +126,18 @@ impl EmbeddedPostgres {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
-        match self.exited.recv_timeout(Duration::from_secs(30)) {
-            Ok(_) => Ok(()),
-            Err(_) => {
+        let exited = self
+            .exited
+            .lock()
+            .map(|rx| rx.recv_timeout(Duration::from_secs(30)).is_ok());
+        match exited {
+            Ok(true) => Ok(()),
+            _ => {
                 let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
                 bail!("the embedded PostgreSQL did not stop within 30 s and was killed")
             }
         }
     }
-}
-
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(path)
-    })
 }
 
 /// PATH first (an operator's choice wins), then Debian/Ubuntu's versioned folders, newest first.

@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+/// What one job produced: its result document and timings, or the reason it failed.
+type JobOutcome = Result<(serde_json::Value, serde_json::Value), String>;
+
 #[derive(Debug, Clone)]
 pub struct Worker {
     pool: PgPool,
@@ -134,13 +137,7 @@ impl Worker {
     }
 
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
-    async fn store(
-        &self,
-        outcomes: Vec<(
-            &ClaimedJob,
-            Result<(serde_json::Value, serde_json::Value), String>,
-        )>,
-    ) -> anyhow::Result<usize> {
+    async fn store(&self, outcomes: Vec<(&ClaimedJob, JobOutcome)>) -> anyhow::Result<usize> {
         let provider = self.registry.provider();
         let mut tx = self.pool.begin().await?;
         let mut finished = 0;
@@ -215,7 +212,7 @@ fn result_document(
     flags: Vec<crate::domain::contract::RangeFlag>,
     infer_ms: f64,
     batch_size: usize,
-) -> Result<(serde_json::Value, serde_json::Value), String> {
+) -> JobOutcome {
     let result = ClassificationResult::from_probabilities(&model.manifest, row, flags)?;
     let queue_wait_ms = job
         .started_at

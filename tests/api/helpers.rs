@@ -1,0 +1,247 @@
+//! The test harness: one private Postgres cluster per test run, one migrated template database,
+//! and per test a fresh database cloned from it plus an application bound to port 0.
+
+use onkos::app::Application;
+use onkos::auth::keys::DevKeys;
+use onkos::config::Config;
+use onkos::db::embedded::EmbeddedPostgres;
+use onkos::jobs::worker::Worker;
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgPool};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+const TEMPLATE: &str = "onkos_template";
+pub const MODEL: &str = "breast-fna-malignancy";
+
+static CLUSTER: OnceCell<EmbeddedPostgres> = OnceCell::const_new();
+
+/// The cluster, started (and the template migrated) by the first test that needs it. It stops when
+/// the test process exits (the server has a parent-death signal).
+async fn cluster() -> &'static EmbeddedPostgres {
+    CLUSTER
+        .get_or_init(|| async {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onkos-test-pg");
+            let server = EmbeddedPostgres::start(&dir, None, "postgres")
+                .await
+                .expect("start the test cluster");
+            let mut admin = sqlx::PgConnection::connect_with(&server.options("postgres"))
+                .await
+                .unwrap();
+            let stale: Vec<String> = sqlx::query_scalar(
+                "select datname from pg_database where datname like 'test_%' or datname = $1",
+            )
+            .bind(TEMPLATE)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+            for name in stale {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "drop database \"{name}\" with (force)"
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            }
+            sqlx::query(sqlx::AssertSqlSafe(format!("create database {TEMPLATE}")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let template = onkos::db::pool(server.options(TEMPLATE), 1).await.unwrap();
+            onkos::db::MIGRATOR.run(&template).await.unwrap();
+            template.close().await;
+            server
+        })
+        .await
+}
+
+/// A fresh, migrated database for one test.
+pub async fn fresh_database() -> PgPool {
+    let server = cluster().await;
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect_with(&server.options("postgres"))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {name} template {TEMPLATE}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    onkos::db::pool(server.options(&name), 8).await.unwrap()
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A configuration for tests: port 0, its own data folder, no background worker.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        models_dir: repo_path("models"),
+        ort_dylib_path: Some(
+            std::env::var_os("ORT_DYLIB_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_path("target/onnxruntime-1.31.1/libonnxruntime.so.1.31.1")),
+        ),
+        execution_provider: "cpu".into(),
+        worker: false,
+        ..Config::default()
+    }
+}
+
+#[derive(Debug)]
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub worker: Worker,
+    pub keys: DevKeys,
+    pub config: Config,
+    shutdown: CancellationToken,
+    _data_dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(data_dir.path());
+        adjust(&mut config);
+        let pool = fresh_database().await;
+        let app = Application::with_pool(config.clone(), pool.clone())
+            .await
+            .expect("build the application");
+        let base = format!("http://{}", app.local_addr());
+        let worker = app.worker();
+        let keys = DevKeys::load_or_create(&config.keys_dir()).unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        Self {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            pool,
+            worker,
+            keys,
+            config,
+            shutdown,
+            _data_dir: data_dir,
+        }
+    }
+
+    /// A token from the development key pair the application trusts.
+    pub fn token(&self, tenant: &str, role: &str) -> String {
+        self.keys
+            .mint(
+                &self.config.auth_issuer,
+                &self.config.auth_audience,
+                "tester",
+                tenant,
+                &[role.into()],
+                Duration::from_secs(600),
+            )
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Submits `features` and returns the new analysis id.
+    pub async fn submit(&self, token: &str, features: &Value) -> String {
+        let response = self
+            .post_json(
+                "/v1/analyses",
+                token,
+                &json!({"model": MODEL, "features": features}),
+            )
+            .await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Runs the worker once; returns how many analyses it finished.
+    pub async fn step(&self) -> usize {
+        self.worker.step().await.unwrap()
+    }
+
+    pub async fn rows(&self, table: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Real cohort rows with the probabilities the training script computed for them.
+pub fn reference_rows() -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_path(
+        "models/breast-fna-malignancy/reference_predictions.json",
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn manifest() -> Value {
+    let text =
+        std::fs::read_to_string(repo_path("models/breast-fna-malignancy/manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Asserts an RFC 9457 problem response with `status`, returning the problem document.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["status"], status);
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("https://")),
+        "{problem}"
+    );
+    assert!(
+        problem["title"].is_string() && problem["detail"].is_string(),
+        "{problem}"
+    );
+    problem
+}

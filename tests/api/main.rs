@@ -1,0 +1,10 @@
+//! Integration tests: the real router on a real port, a real Postgres (a fresh database per test in
+//! a private cluster) and a real ONNX Runtime. The worker is stepped explicitly, never awaited.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod analyses;
+mod auth;
+mod helpers;
+mod input_contract;
+mod openapi;
+mod tenancy;
