@@ -114,8 +114,13 @@ impl Config {
 
     /// Refuses a configuration that cannot work, naming the variable to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let bad =
-            |var: &str, why: String| Err(anyhow::anyhow!("invalid configuration: {var}: {why}"));
+        // Names both spellings: the variable and the TOML key.
+        let bad = |var: &str, why: String| {
+            let key = var.strip_prefix("ONKOS_").unwrap_or(var).to_lowercase();
+            Err(anyhow::anyhow!(
+                "invalid configuration: {var} ({key} in the config file): {why}"
+            ))
+        };
         if let Err(e) = self.listen.parse::<SocketAddr>() {
             return bad(
                 "ONKOS_LISTEN",
@@ -207,6 +212,37 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_config_file_is_read_and_its_unknown_keys_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("onkos.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9999\"\nworker_batch_size = 8\n",
+        )
+        .expect("write");
+        let config = Config::load(Some(&file)).expect("valid file");
+        assert_eq!(
+            (config.listen.as_str(), config.worker_batch_size),
+            ("127.0.0.1:9999", 8)
+        );
+        std::fs::write(&file, "listen_port = 9999\n").expect("write");
+        let message = Config::load(Some(&file))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("listen_port"), "{message}");
+        std::fs::write(&file, "listen = \"everywhere\"\n").expect("write");
+        let message = Config::load(Some(&file))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("ONKOS_LISTEN (listen in the config file)"),
+            "{message}"
+        );
     }
 
     #[test]

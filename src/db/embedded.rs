@@ -45,7 +45,7 @@ impl EmbeddedPostgres {
     ) -> anyhow::Result<Self> {
         let bin = find_bin_dir(bin_dir)?;
         let run_as = run_as(root_user)?;
-        let cluster_dir = std::path::absolute(cluster_dir)?;
+        let cluster_dir = reachable_cluster_dir(&std::path::absolute(cluster_dir)?, run_as)?;
         let data = cluster_dir.join("data");
         private_dir(&cluster_dir, run_as)?;
         if !data.join("PG_VERSION").exists() {
@@ -201,6 +201,51 @@ fn private_dir(dir: &Path, run_as: Option<RunAs>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// As root, the server runs as another user, who must be able to enter every folder above the
+/// cluster. When the data folder sits somewhere private (a clone under /root, say), the cluster
+/// moves to a stable place of its own under /var/lib/onkos instead, named after the data folder.
+fn reachable_cluster_dir(preferred: &Path, run_as: Option<RunAs>) -> anyhow::Result<PathBuf> {
+    let Some(user) = run_as else {
+        return Ok(preferred.to_path_buf());
+    };
+    if preferred
+        .ancestors()
+        .skip(1)
+        .all(|dir| enterable(dir, user))
+    {
+        return Ok(preferred.to_path_buf());
+    }
+    let digest = hex::encode(
+        &<sha2::Sha256 as sha2::Digest>::digest(preferred.as_os_str().as_encoded_bytes())[..8],
+    );
+    let base = Path::new("/var/lib/onkos");
+    std::fs::create_dir_all(base).with_context(|| format!("cannot create {}", base.display()))?;
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))?;
+    let moved = base.join(format!("pg-{digest}"));
+    tracing::warn!(
+        wanted = %preferred.display(),
+        using = %moved.display(),
+        "the PostgreSQL user cannot enter the data folder; the embedded cluster lives elsewhere"
+    );
+    Ok(moved)
+}
+
+/// Whether `user` may enter `dir` by its permission bits (missing folders will be created by us).
+fn enterable(dir: &Path, user: RunAs) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return true;
+    };
+    let mode = meta.mode();
+    if meta.uid() == user.uid {
+        mode & 0o100 != 0
+    } else if meta.gid() == user.gid {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    }
+}
+
 /// The socket lives in the cluster folder unless that path is too long for a Unix socket.
 fn socket_dir(cluster_dir: &Path) -> PathBuf {
     let preferred = cluster_dir.join("run");
@@ -312,4 +357,38 @@ fn spawn_server(
         })?;
     let pid = pid_rx.recv()?.context("cannot start postgres")?;
     Ok((i32::try_from(pid)?, exit_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn someone_else() -> RunAs {
+        let me = nix::unistd::geteuid().as_raw();
+        RunAs {
+            uid: me.wrapping_add(4242),
+            gid: nix::unistd::getegid().as_raw().wrapping_add(4242),
+        }
+    }
+
+    #[test]
+    fn a_private_folder_is_not_enterable_by_another_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        assert!(!enterable(dir.path(), someone_else()));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        assert!(enterable(dir.path(), someone_else()));
+    }
+
+    #[test]
+    fn a_short_cluster_path_keeps_its_socket_inside() {
+        assert_eq!(
+            socket_dir(Path::new("/srv/onkos/postgres")),
+            Path::new("/srv/onkos/postgres/run")
+        );
+        let long = PathBuf::from("/srv").join("x".repeat(120));
+        assert!(socket_dir(&long).starts_with(std::env::temp_dir()));
+    }
 }

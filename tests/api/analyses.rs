@@ -1,6 +1,6 @@
 //! Submitting features, stepping the worker and reading the structured result.
 
-use crate::helpers::{MODEL, TestApp, manifest, reference_rows};
+use crate::helpers::{MODEL, TestApp, assert_problem, manifest, reference_rows};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -208,4 +208,26 @@ async fn a_listing_pages_through_the_tenants_analyses_newest_first() {
         .unwrap();
     assert_eq!(second["items"][0]["id"], ids[0].as_str());
     assert!(second["next_before"].is_null());
+}
+
+#[tokio::test]
+async fn a_bad_listing_query_is_a_400_problem() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "clinician");
+    for query in ["limit=abc", "limit=0", "limit=201", "before=not-a-uuid"] {
+        let problem =
+            assert_problem(app.get(&format!("/v1/analyses?{query}"), &token).await, 400).await;
+        let field = query.split('=').next().unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains(field),
+            "{query}: {problem}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_analysis_id_is_a_404_problem() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "clinician");
+    assert_problem(app.get("/v1/analyses/12345", &token).await, 404).await;
 }

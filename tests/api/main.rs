@@ -7,4 +7,5 @@ mod auth;
 mod helpers;
 mod input_contract;
 mod openapi;
+mod startup;
 mod tenancy;
