@@ -28,13 +28,13 @@ postgres:
 		echo "PostgreSQL server binaries: present"; \
 	else \
 		echo "PostgreSQL server binaries: installing (apt-get install postgresql)"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql; \
 	fi
 
 # The CPU build of ONNX Runtime, taken from the official PyPI wheel (no compiler, no CDN).
 $(ORT_LIB):
 	@command -v python3 >/dev/null || { echo "python3 is required to fetch ONNX Runtime"; exit 1; }
-	@python3 -m pip --version >/dev/null 2>&1 || { echo "pip: installing python3-pip"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-pip; }
+	@python3 -m pip --version >/dev/null 2>&1 || { echo "pip: installing python3-pip"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-pip; }
 	rm -rf $(ORT_DIR) && mkdir -p $(ORT_DIR)/wheel
 	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(ORT_DIR)/wheel onnxruntime==$(ORT_VERSION)
 	python3 -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob('$(ORT_DIR)/wheel/*.whl')[0]); \
