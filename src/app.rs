@@ -4,6 +4,7 @@ use crate::auth::verify::Verifier;
 use crate::config::Config;
 use crate::db::Database;
 use crate::inference::SessionOptions;
+use crate::jobs::completions::Completions;
 use crate::jobs::worker::Worker;
 use crate::registry::Registry;
 use anyhow::Context;
@@ -22,6 +23,14 @@ pub struct App {
     pub pool: PgPool,
     pub registry: Arc<Registry>,
     pub verifier: Verifier,
+    /// Fans out "analysis final" notifications to long polls.
+    pub completions: Completions,
+}
+
+impl App {
+    pub fn retry_max_attempts(&self) -> i32 {
+        self.config.retry_policy().max_attempts
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -70,17 +79,14 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("ONKOS_LISTEN: cannot listen on {}", config.listen))?;
-        let worker = Worker::new(
-            pool.clone(),
-            Arc::clone(&registry),
-            config.worker_batch_size,
-            config.worker_lease_secs,
-        );
+        let worker = Worker::new(pool.clone(), Arc::clone(&registry), &config);
+        let completions = Completions::default();
         let state = AppState(Arc::new(App {
             config,
             pool,
             registry,
             verifier,
+            completions,
         }));
         Ok(Self {
             listener,
@@ -105,11 +111,28 @@ impl Application {
         self.worker.clone()
     }
 
+    /// Runs only the worker (no HTTP) until `shutdown`: `onkos worker`, one of many sharing a database.
+    pub async fn run_worker(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let poll = Duration::from_millis(self.state.config.worker_poll_ms);
+        drop(self.listener);
+        self.worker.clone().run(shutdown, poll).await;
+        if let Some(database) = self.database {
+            database.close().await?;
+        }
+        Ok(())
+    }
+
     /// Serves (and, when configured, works) until `shutdown`; in-flight requests finish, the worker
     /// completes its current batch, then the embedded database stops.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = crate::http::router(self.state.clone());
         tracing::info!(addr = %self.local_addr(), "listening");
+        let completions = tokio::spawn(
+            self.state
+                .completions
+                .clone()
+                .run(self.state.pool.clone(), shutdown.clone()),
+        );
         let worker = self.state.config.worker.then(|| {
             let poll = Duration::from_millis(self.state.config.worker_poll_ms);
             tokio::spawn(self.worker.clone().run(shutdown.clone(), poll))
@@ -121,6 +144,7 @@ impl Application {
         if let Some(worker) = worker {
             worker.await?;
         }
+        completions.await?;
         if let Some(database) = self.database {
             database.close().await?;
         }

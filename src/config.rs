@@ -44,6 +44,14 @@ pub struct Config {
     pub worker_batch_size: u32,
     pub worker_lease_secs: u32,
     pub worker_poll_ms: u64,
+    /// How long a worker that found fewer jobs than the batch size waits for more before running.
+    pub worker_batch_wait_ms: u64,
+    /// Attempts per analysis before it fails for good.
+    pub worker_max_attempts: u32,
+    /// First retry delay; doubles per attempt (with jitter), capped at 5 minutes.
+    pub worker_retry_base_ms: u64,
+    /// Longest `?wait=` a reader may ask for (it is also capped below the request timeout).
+    pub max_wait_secs: u64,
     pub log: String,
 }
 
@@ -75,7 +83,7 @@ impl Default for Config {
             auth_public_key: None,
             auth_jwks_url: None,
             auth_jwks_min_refresh_secs: 10,
-            request_timeout_secs: 30,
+            request_timeout_secs: 60,
             body_limit_bytes: 1024 * 1024,
             models_dir: "./models".into(),
             ort_dylib_path: None,
@@ -85,6 +93,10 @@ impl Default for Config {
             worker_batch_size: 64,
             worker_lease_secs: 60,
             worker_poll_ms: 500,
+            worker_batch_wait_ms: 0,
+            worker_max_attempts: 5,
+            worker_retry_base_ms: 1000,
+            max_wait_secs: 50,
             log: "info".into(),
         }
     }
@@ -177,6 +189,11 @@ impl Config {
             ("ONKOS_WORKER_BATCH_SIZE", u64::from(self.worker_batch_size)),
             ("ONKOS_WORKER_LEASE_SECS", u64::from(self.worker_lease_secs)),
             ("ONKOS_WORKER_POLL_MS", self.worker_poll_ms),
+            (
+                "ONKOS_WORKER_MAX_ATTEMPTS",
+                u64::from(self.worker_max_attempts),
+            ),
+            ("ONKOS_WORKER_RETRY_BASE_MS", self.worker_retry_base_ms),
         ] {
             if value == 0 {
                 return bad(var, "must be greater than 0".into());
@@ -193,6 +210,22 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn retry_policy(&self) -> crate::jobs::retry::RetryPolicy {
+        crate::jobs::retry::RetryPolicy {
+            max_attempts: i32::try_from(self.worker_max_attempts).unwrap_or(i32::MAX),
+            base: Duration::from_millis(self.worker_retry_base_ms),
+            cap: Duration::from_secs(300),
+        }
+    }
+
+    /// The longest a long poll may wait: what was configured, and always short of the request timeout.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_secs(
+            self.max_wait_secs
+                .min(self.request_timeout_secs.saturating_sub(5)),
+        )
     }
 
     pub fn keys_dir(&self) -> PathBuf {

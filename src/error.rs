@@ -25,6 +25,8 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("validation failed")]
     Validation(Vec<FieldError>),
     #[error("request timed out")]
@@ -89,6 +91,7 @@ impl ApiError {
                 "unsupported-media-type",
                 d.clone(),
             ),
+            Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d.clone()),
             Self::Validation(errors) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation-failed",

@@ -26,6 +26,10 @@ struct Cli {
 enum Command {
     /// Serve the API and run the in-process worker.
     Serve,
+    /// Serve the API only (workers run elsewhere with `onkos worker`).
+    Api,
+    /// Run a worker only: claims and runs queued analyses from the shared database.
+    Worker,
     /// Apply the database migrations and exit.
     Migrate,
     /// Print a development JWT signed with the key pair the default mode trusts.
@@ -67,11 +71,27 @@ async fn main() -> anyhow::Result<()> {
             Database::open(&config).await?.close().await?;
             tracing::info!("migrations applied");
         }
-        Command::Serve => {
-            let config = Config::load(cli.config.as_deref())?;
+        Command::Serve | Command::Api => {
+            let mut config = Config::load(cli.config.as_deref())?;
+            config.worker &= matches!(cli.command, Command::Serve);
             init_tracing(&config);
             let shutdown = onkos::shutdown::on_signal();
             Application::build(config).await?.run(shutdown).await?;
+        }
+        Command::Worker => {
+            let mut config = Config::load(cli.config.as_deref())?;
+            anyhow::ensure!(
+                config.database_url.is_some(),
+                "DATABASE_URL: onkos worker shares the API's database, so it needs its URL (the embedded cluster belongs to one process)"
+            );
+            // A worker serves no HTTP; bind an ephemeral loopback port so it never collides with an API.
+            config.listen = "127.0.0.1:0".into();
+            init_tracing(&config);
+            let shutdown = onkos::shutdown::on_signal();
+            Application::build(config)
+                .await?
+                .run_worker(shutdown)
+                .await?;
         }
     }
     Ok(())

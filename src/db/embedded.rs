@@ -53,6 +53,7 @@ impl EmbeddedPostgres {
         }
         let socket_dir = socket_dir(&cluster_dir);
         private_dir(&socket_dir, run_as)?;
+        wait_for_previous_server(&data, &socket_dir).await?;
         let (pid, exited) = spawn_server(&bin, &data, &socket_dir, &cluster_dir, run_as)?;
         let server = Self {
             socket_dir,
@@ -138,6 +139,42 @@ impl EmbeddedPostgres {
             }
         }
     }
+}
+
+/// A previous onkos on this data folder may still be checkpointing after its stop (its server got
+/// the parent-death signal a moment ago): wait for it to exit. A server that still accepts
+/// connections belongs to another running onkos — that is an error, not something to wait for.
+async fn wait_for_previous_server(data: &Path, socket_dir: &Path) -> anyhow::Result<()> {
+    let Some(pid) = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+    else {
+        return Ok(());
+    };
+    let alive = || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("postgres"))
+    };
+    let probe = PgConnectOptions::new()
+        .socket(socket_dir)
+        .username(SUPERUSER)
+        .database("postgres");
+    if alive() && probe.connect().await.is_ok() {
+        bail!(
+            "another onkos is already using the database in {} (PostgreSQL pid {pid}); stop it or use another ONKOS_DATA_DIR",
+            data.display()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alive() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the previous PostgreSQL (pid {pid}) on {} did not stop within 60 s",
+            data.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// PATH first (an operator's choice wins), then Debian/Ubuntu's versioned folders, newest first.

@@ -6,22 +6,44 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 
-/// What `manifest.json` beside each bundled ONNX file says. It is the model's contract.
+/// The manifest format this build reads.
+pub const MANIFEST_SCHEMA: &str = "onkos.manifest/2";
+
+/// What `manifest.json` beside each ONNX file says. It is the model's contract: what goes in (and
+/// how onkos encodes it), what comes out and what it means, and what the model was shown to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
+    pub schema: String,
     pub name: String,
     pub version: String,
     pub modality: String,
-    pub task: String,
+    pub task: Task,
     pub title: String,
     pub onnx: OnnxSpec,
     pub inputs: Vec<InputSpec>,
-    pub labels: Vec<String>,
-    pub positive_label: String,
-    pub threshold: Threshold,
+    /// The ONNX input columns, in order: each a numeric input as is, or a categorical indicator.
+    pub encoding: Vec<EncodedColumn>,
+    pub classification: Option<ClassificationSpec>,
+    pub survival: Option<SurvivalSpec>,
+    pub explanation: Option<LinearExplanation>,
     pub cohort: Cohort,
     pub metrics: Value,
+    pub hazard_ratios: Option<Value>,
     pub intended_use: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Classification,
+    Survival,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    Float32,
+    Float64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,18 +51,77 @@ pub struct OnnxSpec {
     pub file: String,
     pub sha256: String,
     pub input: String,
-    pub output: String,
+    pub input_type: InputType,
+    pub outputs: OnnxOutputs,
+}
+
+/// Graph output names by meaning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OnnxOutputs {
+    pub probabilities: Option<String>,
+    pub risk_score: Option<String>,
+    pub survival: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InputSpec {
     pub name: String,
-    pub unit: String,
     pub description: String,
-    /// Values outside this range are impossible and refused; `None` is unbounded.
-    pub physical_range: [Option<f64>; 2],
-    /// Values outside this range are accepted but flagged: the model never saw them.
-    pub training_range: [f64; 2],
+    #[serde(flatten)]
+    pub kind: InputKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum InputKind {
+    Numeric {
+        unit: String,
+        /// Values outside this range are impossible and refused; `None` is unbounded.
+        physical_range: [Option<f64>; 2],
+        /// Values outside this range are accepted but flagged: the model never saw them.
+        training_range: [f64; 2],
+    },
+    Categorical {
+        levels: Vec<String>,
+        /// The level without an indicator column (the baseline of the coefficients).
+        reference: String,
+        #[serde(default)]
+        training_counts: BTreeMap<String, u32>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncodedColumn {
+    pub input: String,
+    /// For a categorical input: 1.0 when the value is this level, else 0.0.
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassificationSpec {
+    pub labels: Vec<String>,
+    pub positive_label: String,
+    pub threshold: Threshold,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SurvivalSpec {
+    pub event: String,
+    pub time_unit: String,
+    pub horizons_days: Vec<f64>,
+    pub baseline_survival: Vec<f64>,
+    /// The 0th…100th percentiles of the training cohort's risk scores.
+    pub risk_score_percentiles: Vec<f64>,
+}
+
+/// For linear models: per encoded column, the coefficient per raw unit and the training mean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinearExplanation {
+    pub kind: String,
+    /// `log-odds` or `log-hazard`.
+    pub scale: String,
+    pub coefficients: Vec<f64>,
+    pub means: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -54,7 +135,8 @@ pub struct Cohort {
     pub name: String,
     pub loader: String,
     pub n: u32,
-    pub positives: u32,
+    pub positives: Option<u32>,
+    pub events: Option<u32>,
     pub citation: String,
     pub source: String,
     pub licence: String,
@@ -88,10 +170,13 @@ pub struct RangeFlag {
     pub training_range: [f64; 2],
 }
 
-/// Features that passed the contract, in the model's input order.
+/// Features that passed the contract.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidFeatures {
-    pub values: Vec<f64>,
+    /// The inputs as given (numbers, level strings), in the model's input order: what is stored.
+    pub canonical: Map<String, Value>,
+    /// The ONNX input row, one value per encoded column.
+    pub encoded: Vec<f64>,
     pub outside_training_range: Vec<RangeFlag>,
     /// sha256 of the canonical form (keys sorted, numbers as JSON), identical for identical inputs.
     pub digest: String,
@@ -100,26 +185,102 @@ pub struct ValidFeatures {
 impl Manifest {
     /// A manifest that contradicts itself would make every result wrong; refuse it at load.
     pub fn check(&self) -> Result<(), String> {
+        if self.schema != MANIFEST_SCHEMA {
+            return Err(format!(
+                "schema is {:?}, this build reads {MANIFEST_SCHEMA:?}",
+                self.schema
+            ));
+        }
         let mut seen = HashSet::new();
         if let Some(dup) = self.inputs.iter().find(|i| !seen.insert(i.name.as_str())) {
             return Err(format!("input {} is listed twice", dup.name));
         }
-        if self.inputs.is_empty() {
+        if self.inputs.is_empty() || self.encoding.is_empty() {
             return Err("lists no inputs".into());
         }
-        if !self.labels.contains(&self.positive_label) {
-            return Err(format!(
-                "positive label {} is not among its labels",
-                self.positive_label
-            ));
+        for column in &self.encoding {
+            match (self.input(&column.input).map(|i| &i.kind), &column.level) {
+                (None, _) => {
+                    return Err(format!("encoding names an unknown input {}", column.input));
+                }
+                (Some(InputKind::Numeric { .. }), None) => {}
+                (Some(InputKind::Categorical { levels, .. }), Some(level))
+                    if levels.contains(level) => {}
+                _ => {
+                    return Err(format!(
+                        "encoding column {}={:?} does not fit its input",
+                        column.input, column.level
+                    ));
+                }
+            }
         }
-        if !(self.threshold.value > 0.0 && self.threshold.value < 1.0) {
-            return Err(format!(
-                "threshold {} is not inside (0, 1)",
-                self.threshold.value
-            ));
+        for input in &self.inputs {
+            if let InputKind::Categorical {
+                levels, reference, ..
+            } = &input.kind
+                && !levels.contains(reference)
+            {
+                return Err(format!(
+                    "input {}: reference level {reference} is not among its levels",
+                    input.name
+                ));
+            }
+        }
+        if let Some(e) = &self.explanation
+            && (e.coefficients.len() != self.encoding.len() || e.means.len() != self.encoding.len())
+        {
+            return Err(
+                "explanation does not have one coefficient and mean per encoded column".into(),
+            );
+        }
+        match (self.task, &self.classification, &self.survival) {
+            (Task::Classification, Some(c), None) => {
+                if !c.labels.contains(&c.positive_label) {
+                    return Err(format!(
+                        "positive label {} is not among its labels",
+                        c.positive_label
+                    ));
+                }
+                if !(c.threshold.value > 0.0 && c.threshold.value < 1.0) {
+                    return Err(format!(
+                        "threshold {} is not inside (0, 1)",
+                        c.threshold.value
+                    ));
+                }
+                self.onnx
+                    .outputs
+                    .probabilities
+                    .as_ref()
+                    .ok_or("a classifier needs a probabilities output")?;
+            }
+            (Task::Survival, None, Some(s)) => {
+                if s.horizons_days.is_empty() || s.horizons_days.len() != s.baseline_survival.len()
+                {
+                    return Err("survival needs one baseline survival per horizon".into());
+                }
+                if s.risk_score_percentiles.len() != 101 {
+                    return Err(
+                        "survival needs the 101 risk-score percentiles of the cohort".into(),
+                    );
+                }
+                self.onnx
+                    .outputs
+                    .risk_score
+                    .as_ref()
+                    .ok_or("a survival model needs a risk_score output")?;
+                self.onnx
+                    .outputs
+                    .survival
+                    .as_ref()
+                    .ok_or("a survival model needs a survival output")?;
+            }
+            _ => return Err("task must match exactly one of classification / survival".into()),
         }
         Ok(())
+    }
+
+    pub fn input(&self, name: &str) -> Option<&InputSpec> {
+        self.inputs.iter().find(|i| i.name == name)
     }
 
     /// Checks `features` against the contract and returns every violation, not just the first, so an
@@ -130,7 +291,7 @@ impl Manifest {
     ) -> Result<ValidFeatures, Vec<FieldError>> {
         let mut errors: Vec<FieldError> = features
             .keys()
-            .filter(|k| !self.inputs.iter().any(|i| &i.name == *k))
+            .filter(|k| self.input(k).is_none())
             .map(|k| {
                 FieldError::new(
                     format!("features.{k}"),
@@ -142,57 +303,124 @@ impl Manifest {
                 )
             })
             .collect();
-        let mut values = Vec::with_capacity(self.inputs.len());
+        let mut canonical = Map::new();
         let mut flags = Vec::new();
         for spec in &self.inputs {
             let field = format!("features.{}", spec.name);
-            match features.get(&spec.name).map(|v| number(v)) {
-                None => errors.push(FieldError::new(
+            let Some(value) = features.get(&spec.name) else {
+                errors.push(FieldError::new(
                     field,
                     "missing",
                     format!("{} is required", spec.name),
-                )),
-                Some(Err(e)) => errors.push(FieldError::new(field, e.0, e.1)),
-                Some(Ok(v)) => match spec.physical_range {
-                    [Some(lo), _] if v < lo => errors.push(FieldError::new(
-                        field,
-                        "out_of_range",
-                        format!("{} must be at least {lo} {}, got {v}", spec.name, spec.unit),
-                    )),
-                    [_, Some(hi)] if v > hi => errors.push(FieldError::new(
-                        field,
-                        "out_of_range",
-                        format!("{} must be at most {hi} {}, got {v}", spec.name, spec.unit),
-                    )),
-                    _ => {
-                        let [lo, hi] = spec.training_range;
-                        if v < lo || v > hi {
-                            flags.push(RangeFlag {
-                                feature: spec.name.clone(),
-                                value: v,
-                                training_range: [lo, hi],
-                            });
-                        }
-                        values.push(v);
-                    }
-                },
+                ));
+                continue;
+            };
+            match check_value(spec, value) {
+                Ok((accepted, flag)) => {
+                    flags.extend(flag);
+                    canonical.insert(spec.name.clone(), accepted);
+                }
+                Err((rule, message)) => errors.push(FieldError::new(field, rule, message)),
             }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        let canonical: BTreeMap<&str, f64> = self
-            .inputs
-            .iter()
-            .map(|i| i.name.as_str())
-            .zip(values.iter().copied())
-            .collect();
-        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        let encoded = self.encode(&canonical);
+        let sorted: BTreeMap<&String, &Value> = canonical.iter().collect();
+        let bytes = serde_json::to_vec(&sorted).unwrap_or_default();
         Ok(ValidFeatures {
-            values,
+            canonical,
+            encoded,
             outside_training_range: flags,
             digest: hex::encode(Sha256::digest(&bytes)),
         })
+    }
+
+    /// The ONNX input row for validated inputs.
+    fn encode(&self, canonical: &Map<String, Value>) -> Vec<f64> {
+        self.encoding
+            .iter()
+            .map(
+                |column| match (&column.level, canonical.get(&column.input)) {
+                    (None, Some(v)) => v.as_f64().unwrap_or(f64::NAN),
+                    (Some(level), Some(Value::String(v))) => f64::from(u8::from(v == level)),
+                    _ => f64::NAN,
+                },
+            )
+            .collect()
+    }
+
+    /// Labels of the encoded columns, as used in explanations: `age`, `tgrade=III`.
+    pub fn column_labels(&self) -> Vec<String> {
+        self.encoding
+            .iter()
+            .map(|c| match &c.level {
+                Some(level) => format!("{}={level}", c.input),
+                None => c.input.clone(),
+            })
+            .collect()
+    }
+
+    pub fn is_categorical(&self, input: &str) -> bool {
+        matches!(
+            self.input(input).map(|i| &i.kind),
+            Some(InputKind::Categorical { .. })
+        )
+    }
+}
+
+/// Checks one value against its input's rules; a numeric value outside the training range comes
+/// back with a flag.
+fn check_value(
+    spec: &InputSpec,
+    value: &Value,
+) -> Result<(Value, Option<RangeFlag>), (&'static str, String)> {
+    match &spec.kind {
+        InputKind::Numeric {
+            unit,
+            physical_range,
+            training_range,
+        } => {
+            let v = number(value)?;
+            if let [Some(lo), _] = physical_range
+                && v < *lo
+            {
+                return Err((
+                    "out_of_range",
+                    format!("{} must be at least {lo} {unit}, got {v}", spec.name),
+                ));
+            }
+            if let [_, Some(hi)] = physical_range
+                && v > *hi
+            {
+                return Err((
+                    "out_of_range",
+                    format!("{} must be at most {hi} {unit}, got {v}", spec.name),
+                ));
+            }
+            let [lo, hi] = *training_range;
+            let flag = (v < lo || v > hi).then(|| RangeFlag {
+                feature: spec.name.clone(),
+                value: v,
+                training_range: [lo, hi],
+            });
+            Ok((Value::from(v), flag))
+        }
+        InputKind::Categorical { levels, .. } => match value {
+            Value::String(s) if levels.contains(s) => Ok((value.clone(), None)),
+            other => Err((
+                "not_a_level",
+                format!(
+                    "expected one of {}, got {other}",
+                    levels
+                        .iter()
+                        .map(|l| format!("{l:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        },
     }
 }
 
@@ -232,55 +460,76 @@ mod tests {
 
     fn manifest() -> Manifest {
         serde_json::from_value(json!({
+            "schema": MANIFEST_SCHEMA,
             "name": "m", "version": "1", "modality": "features", "task": "classification", "title": "t",
-            "onnx": {"file": "m.onnx", "sha256": "00", "input": "x", "output": "p"},
+            "onnx": {"file": "m.onnx", "sha256": "00", "input": "x", "input_type": "float32", "outputs": {"probabilities": "p"}},
             "inputs": [
-                {"name": "a", "unit": "mm", "description": "", "physical_range": [0.0, null], "training_range": [1.0, 2.0]},
-                {"name": "b", "unit": "1", "description": "", "physical_range": [null, null], "training_range": [0.0, 1.0]}
+                {"name": "a", "kind": "numeric", "unit": "mm", "description": "", "physical_range": [0.0, null], "training_range": [1.0, 2.0]},
+                {"name": "b", "kind": "numeric", "unit": "1", "description": "", "physical_range": [null, null], "training_range": [0.0, 1.0]},
+                {"name": "g", "kind": "categorical", "description": "", "levels": ["I", "II", "III"], "reference": "I"}
             ],
-            "labels": ["neg", "pos"], "positive_label": "pos",
-            "threshold": {"value": 0.5, "source": "s"},
-            "cohort": {"name": "c", "loader": "l", "n": 1, "positives": 1, "citation": "c", "source": "s", "licence": "l"},
+            "encoding": [{"input": "a"}, {"input": "b"}, {"input": "g", "level": "II"}, {"input": "g", "level": "III"}],
+            "classification": {"labels": ["neg", "pos"], "positive_label": "pos", "threshold": {"value": 0.5, "source": "s"}},
+            "survival": null, "explanation": null, "hazard_ratios": null,
+            "cohort": {"name": "c", "loader": "l", "n": 1, "positives": 1, "events": null, "citation": "c", "source": "s", "licence": "l"},
             "metrics": {}, "intended_use": "research"
         }))
         .expect("test manifest")
     }
 
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
     fn rules(input: Value) -> Vec<(String, &'static str)> {
-        let map = input.as_object().cloned().unwrap_or_default();
-        match manifest().validate_features(&map) {
+        match manifest().validate_features(&map(input)) {
             Ok(_) => vec![],
             Err(errors) => errors.into_iter().map(|e| (e.field, e.rule)).collect(),
         }
     }
 
     #[test]
-    fn valid_features_come_back_in_model_order() {
-        let ok =
-            manifest().validate_features(json!({"b": 0.5, "a": 1.5}).as_object().expect("map"));
-        assert_eq!(ok.map(|v| v.values), Ok(vec![1.5, 0.5]));
+    fn the_test_manifest_is_consistent() {
+        assert_eq!(manifest().check(), Ok(()));
+    }
+
+    #[test]
+    fn features_are_encoded_in_model_order_with_indicators() {
+        let ok = manifest().validate_features(&map(json!({"g": "III", "b": 0.5, "a": 1.5})));
+        assert_eq!(ok.map(|v| v.encoded), Ok(vec![1.5, 0.5, 0.0, 1.0]));
+        let reference = manifest().validate_features(&map(json!({"g": "I", "b": 0.5, "a": 1.5})));
+        assert_eq!(reference.map(|v| v.encoded), Ok(vec![1.5, 0.5, 0.0, 0.0]));
     }
 
     #[test]
     fn every_violation_is_named() {
         assert_eq!(
-            rules(json!({"a": "1.5", "c": 1})),
+            rules(json!({"a": "1.5", "c": 1, "g": "IV"})),
             vec![
                 ("features.c".into(), "unknown"),
                 ("features.a".into(), "not_a_number"),
-                ("features.b".into(), "missing")
+                ("features.b".into(), "missing"),
+                ("features.g".into(), "not_a_level")
             ]
+        );
+    }
+
+    #[test]
+    fn a_categorical_value_must_be_one_of_its_level_strings() {
+        assert_eq!(
+            rules(json!({"a": 1.5, "b": 0.5, "g": 2})),
+            vec![("features.g".into(), "not_a_level")]
         );
     }
 
     #[test]
     fn nan_and_infinity_strings_are_not_finite() {
         assert_eq!(
-            rules(json!({"a": "NaN", "b": 0.5})),
+            rules(json!({"a": "NaN", "b": 0.5, "g": "I"})),
             vec![("features.a".into(), "not_finite")]
         );
         assert_eq!(
-            rules(json!({"a": 1.5, "b": "-Infinity"})),
+            rules(json!({"a": 1.5, "b": "-Infinity", "g": "I"})),
             vec![("features.b".into(), "not_finite")]
         );
     }
@@ -288,26 +537,34 @@ mod tests {
     #[test]
     fn impossible_values_are_refused_and_unseen_ones_flagged() {
         assert_eq!(
-            rules(json!({"a": -1.0, "b": 0.5})),
+            rules(json!({"a": -1.0, "b": 0.5, "g": "I"})),
             vec![("features.a".into(), "out_of_range")]
         );
-        let flagged =
-            manifest().validate_features(json!({"a": 9.0, "b": 0.5}).as_object().expect("map"));
+        let flagged = manifest().validate_features(&map(json!({"a": 9.0, "b": 0.5, "g": "I"})));
         assert_eq!(flagged.map(|v| v.outside_training_range.len()), Ok(1));
     }
 
     #[test]
     fn digest_ignores_key_order() {
         let m = manifest();
-        let one = m.validate_features(json!({"a": 1.5, "b": 0.5}).as_object().expect("map"));
-        let two = m.validate_features(json!({"b": 0.5, "a": 1.5}).as_object().expect("map"));
+        let one = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": "II"})));
+        let two = m.validate_features(&map(json!({"g": "II", "b": 0.5, "a": 1.5})));
         assert_eq!(one.map(|v| v.digest), two.map(|v| v.digest));
     }
 
     #[test]
     fn manifest_whose_positive_label_is_missing_is_refused() {
         let mut m = manifest();
-        m.positive_label = "other".into();
+        if let Some(c) = m.classification.as_mut() {
+            c.positive_label = "other".into();
+        }
+        assert!(m.check().is_err());
+    }
+
+    #[test]
+    fn an_encoding_level_that_its_input_lacks_is_refused() {
+        let mut m = manifest();
+        m.encoding[2].level = Some("IV".into());
         assert!(m.check().is_err());
     }
 }

@@ -1,10 +1,14 @@
-//! The structured result of a classification, versioned so that clients can rely on its shape.
+//! The structured results, versioned so that clients can rely on their shape: a classification
+//! (probabilities and a decision at the documented threshold) or a survival estimate (risk score,
+//! hazard ratio, cohort percentile and survival at each horizon), each with an explanation for
+//! linear models and a flag for every input outside the training range.
 
 use super::contract::{Manifest, RangeFlag};
 use serde::{Deserialize, Serialize};
 
-/// The version of the result document; bumped on any change a client could notice.
+/// Versions of the result documents; bumped on any change a client could notice.
 pub const CLASSIFICATION_SCHEMA: &str = "onkos.result.classification/1";
+pub const SURVIVAL_SCHEMA: &str = "onkos.result.survival/1";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
@@ -26,71 +30,264 @@ pub struct Decision {
     pub margin: f64,
 }
 
+/// One feature's share of the score: (value − training mean) × coefficient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Contribution {
+    /// The input, or `input=level` for a categorical indicator.
+    pub feature: String,
+    /// The encoded value (1 or 0 for an indicator).
+    pub value: f64,
+    pub mean: f64,
+    pub coefficient: f64,
+    pub contribution: f64,
+}
+
+/// Why a linear model scored as it did, largest contributions first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Explanation {
+    /// `log-odds` (classification) or `log-hazard` (survival).
+    pub scale: String,
+    /// The contributions are relative to a patient with the training cohort's mean values.
+    pub reference: String,
+    pub contributions: Vec<Contribution>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClassificationResult {
     /// Always `onkos.result.classification/1` for this shape.
     pub schema: String,
     pub predictions: Vec<Prediction>,
     pub decision: Decision,
+    /// Present for linear models.
+    pub explanation: Option<Explanation>,
     /// Inputs outside the range the model was trained on: the result is an extrapolation there.
     pub out_of_training_range: Vec<RangeFlag>,
     /// What the model may be used for; no result claims more than its card.
     pub intended_use: String,
 }
 
-impl ClassificationResult {
-    /// Builds the result from the model's probability row (one per label, in manifest order).
-    pub fn from_probabilities(
-        manifest: &Manifest,
-        row: &[f32],
-        flags: Vec<RangeFlag>,
-    ) -> Result<Self, String> {
-        if row.len() != manifest.labels.len() {
+/// The risk score and where it sits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Risk {
+    /// The linear predictor: log hazard ratio versus a patient with the cohort's mean covariates.
+    pub score: f64,
+    /// `exp(score)`: hazard relative to that mean patient.
+    pub hazard_ratio: f64,
+    /// Percentage of the training cohort with a lower risk score (0–100).
+    pub cohort_percentile: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SurvivalPoint {
+    pub days: f64,
+    /// Estimated probability of being free of the event at `days`.
+    pub probability: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SurvivalResult {
+    /// Always `onkos.result.survival/1` for this shape.
+    pub schema: String,
+    /// The event the model estimates, e.g. "recurrence or death".
+    pub event: String,
+    pub risk: Risk,
+    pub survival: Vec<SurvivalPoint>,
+    pub explanation: Option<Explanation>,
+    pub out_of_training_range: Vec<RangeFlag>,
+    pub intended_use: String,
+}
+
+/// A stored result: one of the two shapes, told apart by their fields (and `schema`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum AnalysisResult {
+    Classification(ClassificationResult),
+    Survival(SurvivalResult),
+}
+
+impl AnalysisResult {
+    pub fn intended_use(&self) -> &str {
+        match self {
+            Self::Classification(r) => &r.intended_use,
+            Self::Survival(r) => &r.intended_use,
+        }
+    }
+}
+
+/// The model's raw outputs for one row, by meaning.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOutputs {
+    pub probabilities: Option<Vec<f64>>,
+    pub risk_score: Option<f64>,
+    pub survival: Option<Vec<f64>>,
+}
+
+/// Builds the result of one row from the model's outputs, its encoded input and its range flags.
+pub fn build(
+    manifest: &Manifest,
+    outputs: &ModelOutputs,
+    encoded: &[f64],
+    flags: Vec<RangeFlag>,
+) -> Result<AnalysisResult, String> {
+    let explanation = explain(manifest, encoded);
+    let intended_use = manifest.intended_use.clone();
+    if let Some(spec) = &manifest.classification {
+        let row = outputs
+            .probabilities
+            .as_ref()
+            .ok_or("the model returned no probabilities")?;
+        if row.len() != spec.labels.len() {
             return Err(format!(
                 "model returned {} probabilities for {} labels",
                 row.len(),
-                manifest.labels.len()
+                spec.labels.len()
             ));
         }
-        let predictions: Vec<Prediction> = manifest
+        let predictions: Vec<Prediction> = spec
             .labels
             .iter()
             .zip(row)
             .map(|(label, p)| Prediction {
                 label: label.clone(),
-                probability: f64::from(*p),
+                probability: *p,
             })
             .collect();
         let positive = predictions
             .iter()
-            .find(|p| p.label == manifest.positive_label)
+            .find(|p| p.label == spec.positive_label)
             .map(|p| p.probability)
-            .ok_or("positive label missing from the model's labels")?;
-        let threshold = manifest.threshold.value;
+            .ok_or("positive label missing")?;
+        let threshold = spec.threshold.value;
         let label = if positive >= threshold {
-            manifest.positive_label.clone()
+            spec.positive_label.clone()
         } else {
             // With two labels the other one is the negative; with more, the most probable non-positive.
             predictions
                 .iter()
-                .filter(|p| p.label != manifest.positive_label)
+                .filter(|p| p.label != spec.positive_label)
                 .max_by(|a, b| a.probability.total_cmp(&b.probability))
                 .map(|p| p.label.clone())
                 .unwrap_or_default()
         };
-        Ok(Self {
+        return Ok(AnalysisResult::Classification(ClassificationResult {
             schema: CLASSIFICATION_SCHEMA.into(),
             predictions,
             decision: Decision {
                 label,
-                positive_label: manifest.positive_label.clone(),
+                positive_label: spec.positive_label.clone(),
                 probability: positive,
                 threshold,
-                threshold_source: manifest.threshold.source.clone(),
+                threshold_source: spec.threshold.source.clone(),
                 margin: positive - threshold,
             },
+            explanation,
             out_of_training_range: flags,
-            intended_use: manifest.intended_use.clone(),
+            intended_use,
+        }));
+    }
+    let spec = manifest
+        .survival
+        .as_ref()
+        .ok_or("the manifest has neither classification nor survival")?;
+    let score = outputs
+        .risk_score
+        .ok_or("the model returned no risk score")?;
+    let curve = outputs
+        .survival
+        .as_ref()
+        .ok_or("the model returned no survival")?;
+    if curve.len() != spec.horizons_days.len() {
+        return Err(format!(
+            "model returned {} survival values for {} horizons",
+            curve.len(),
+            spec.horizons_days.len()
+        ));
+    }
+    Ok(AnalysisResult::Survival(SurvivalResult {
+        schema: SURVIVAL_SCHEMA.into(),
+        event: spec.event.clone(),
+        risk: Risk {
+            score,
+            hazard_ratio: score.exp(),
+            cohort_percentile: percentile(&spec.risk_score_percentiles, score),
+        },
+        survival: spec
+            .horizons_days
+            .iter()
+            .zip(curve)
+            .map(|(d, p)| SurvivalPoint {
+                days: *d,
+                probability: *p,
+            })
+            .collect(),
+        explanation,
+        out_of_training_range: flags,
+        intended_use,
+    }))
+}
+
+/// Contributions of a linear model, largest magnitude first; `None` for other models.
+fn explain(manifest: &Manifest, encoded: &[f64]) -> Option<Explanation> {
+    let linear = manifest
+        .explanation
+        .as_ref()
+        .filter(|e| e.kind == "linear")?;
+    let mut contributions: Vec<Contribution> = manifest
+        .column_labels()
+        .into_iter()
+        .zip(encoded)
+        .zip(linear.coefficients.iter().zip(&linear.means))
+        .map(|((feature, value), (coefficient, mean))| Contribution {
+            feature,
+            value: *value,
+            mean: *mean,
+            coefficient: *coefficient,
+            contribution: (value - mean) * coefficient,
         })
+        .collect();
+    contributions.sort_by(|a, b| b.contribution.abs().total_cmp(&a.contribution.abs()));
+    Some(Explanation {
+        scale: linear.scale.clone(),
+        reference: "a patient with the training cohort's mean values".into(),
+        contributions,
+    })
+}
+
+/// Where `score` falls among the cohort's percentiles (101 values, 0th…100th), interpolated.
+fn percentile(cohort: &[f64], score: f64) -> f64 {
+    let (Some(first), Some(last)) = (cohort.first(), cohort.last()) else {
+        return f64::NAN;
+    };
+    if score <= *first {
+        return 0.0;
+    }
+    if score >= *last {
+        return 100.0;
+    }
+    let step = 100.0 / (cohort.len() - 1) as f64;
+    for (i, pair) in cohort.windows(2).enumerate() {
+        if score <= pair[1] {
+            let span = pair[1] - pair[0];
+            let within = if span > 0.0 {
+                (score - pair[0]) / span
+            } else {
+                0.0
+            };
+            return (i as f64 + within) * step;
+        }
+    }
+    100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_interpolate_and_clamp() {
+        let cohort: Vec<f64> = (0..=100).map(f64::from).collect();
+        assert_eq!(percentile(&cohort, 42.5), 42.5);
+        assert_eq!(percentile(&cohort, -3.0), 0.0);
+        assert_eq!(percentile(&cohort, 1e9), 100.0);
     }
 }

@@ -1,56 +1,64 @@
-//! Request extractors whose rejections are our problem+json, naming what is wrong.
+//! Request bodies and their rejections, as our problem+json naming what is wrong.
 
 use crate::error::ApiError;
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use serde_json::{Map, Value};
 
-/// A JSON object body. Accepted with `application/json` (or `+json`), and also without a content
-/// type or with curl's default `application/x-www-form-urlencoded`, so that `curl -d @case.json`
-/// works as written; any other declared type is a 415.
-#[derive(Debug)]
-pub struct JsonObject(pub Map<String, Value>);
+/// What a submission body is, by its declared content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Csv,
+}
 
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
-    type Rejection = ApiError;
+/// JSON is accepted as `application/json` (or `+json`), and also without a content type or with
+/// curl's default `application/x-www-form-urlencoded`, so that `curl -d @case.json` works as
+/// written; `text/csv` is a batch; any other declared type is a 415.
+pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let declared = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match declared.as_deref() {
+        None | Some("application/json" | "application/x-www-form-urlencoded") => Ok(BodyKind::Json),
+        Some(ct) if ct.ends_with("+json") => Ok(BodyKind::Json),
+        Some("text/csv") => Ok(BodyKind::Csv),
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "expected application/json or text/csv, got {other}"
+        ))),
+    }
+}
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let content_type = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            });
-        if let Some(ct) = &content_type
-            && !(ct == "application/json"
-                || ct.ends_with("+json")
-                || ct == "application/x-www-form-urlencoded")
-        {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "expected application/json, got {ct}"
-            )));
+/// The body's bytes, or 413 when it exceeds the configured limit.
+pub fn body_bytes(
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest(format!("cannot read the request body: {e}"))
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest(format!("cannot read the request body: {e}"))
-            }
-        })?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Self(map)),
-            Ok(_) => Err(ApiError::BadRequest(
-                "the body must be a JSON object".into(),
-            )),
-            Err(e) => Err(ApiError::BadRequest(format!(
-                "the body is not valid JSON: {e}"
-            ))),
-        }
+    })
+}
+
+/// Parses a JSON object body.
+pub fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "the body is not valid JSON: {e}"
+        ))),
     }
 }

@@ -26,8 +26,14 @@ pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout();
     let body_limit = state.config.body_limit_bytes;
     let api = Router::new()
-        .route("/v1/analyses", get(analyses::list).post(analyses::create))
-        .route("/v1/analyses/{id}", get(analyses::get))
+        .route(
+            "/v1/analyses",
+            get(analyses::read::list).post(analyses::submit::create),
+        )
+        .route(
+            "/v1/analyses/{id}",
+            get(analyses::read::get).delete(analyses::cancel::cancel),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::NotFound })

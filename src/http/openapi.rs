@@ -14,8 +14,15 @@ use utoipa::{Modify, OpenApi};
                        Every error is an RFC 9457 problem document (application/problem+json).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
-    paths(analyses::create, analyses::list, analyses::get, health::healthz, health::readyz),
-    components(schemas(crate::error::Problem, crate::domain::contract::FieldError)),
+    paths(
+        analyses::submit::create,
+        analyses::read::list,
+        analyses::read::get,
+        analyses::cancel::cancel,
+        health::healthz,
+        health::readyz
+    ),
+    components(schemas(crate::error::Problem, crate::domain::contract::FieldError, analyses::BatchAccepted)),
     modifiers(&BearerAuth),
     tags(
         (name = "analyses", description = "Submit analyses and read their results"),

@@ -2,6 +2,8 @@
 //! load (CUDA when the runtime and the machine have it, else CPU). Calls here block: callers run
 //! them on the blocking pool, never on the async runtime.
 
+use crate::domain::contract::{InputType, OnnxOutputs, OnnxSpec};
+use crate::domain::result::ModelOutputs;
 use anyhow::{Context, anyhow};
 use ort::environment::Environment;
 use ort::ep;
@@ -46,24 +48,26 @@ pub struct SessionOptions {
     pub threads: usize,
 }
 
-/// One loaded ONNX graph with a float matrix input and a float matrix output.
+/// One loaded ONNX graph: a matrix input (one row per case, one column per encoded feature) and
+/// the outputs the manifest names.
 #[derive(Debug)]
 pub struct OnnxModel {
     // ort sessions take `&mut self` to run; requests for one model are batched upstream, so one
     // lock per model costs nothing and keeps the session's memory arena warm.
     session: Mutex<Session>,
     input: String,
-    output: String,
+    input_type: InputType,
+    outputs: OnnxOutputs,
     width: usize,
     pub provider: Provider,
 }
 
 impl OnnxModel {
-    /// Builds a session from ONNX bytes, checking that `input` and `output` exist in the graph.
+    /// Builds a session from ONNX bytes, checking that the input and outputs the manifest names
+    /// exist in the graph.
     pub fn load(
         bytes: &[u8],
-        input: &str,
-        output: &str,
+        spec: &OnnxSpec,
         width: usize,
         options: &SessionOptions,
     ) -> anyhow::Result<Self> {
@@ -75,7 +79,7 @@ impl OnnxModel {
         {
             Some(Ok(session)) => (session, CUDA),
             Some(Err(e)) => {
-                tracing::info!(reason = %e, "CUDA execution provider unavailable, using CPU");
+                tracing::debug!(reason = %e, "CUDA execution provider unavailable, using CPU");
                 (build_session(env, bytes, threads, false)?, CPU)
             }
             None => (build_session(env, bytes, threads, false)?, CPU),
@@ -89,24 +93,35 @@ impl OnnxModel {
         let inputs = names(session.inputs());
         let outputs = names(session.outputs());
         anyhow::ensure!(
-            inputs.iter().any(|n| n == input),
-            "the graph has no input {input:?} (it has {inputs:?})"
+            inputs.contains(&spec.input),
+            "the graph has no input {:?} (it has {inputs:?})",
+            spec.input
         );
-        anyhow::ensure!(
-            outputs.iter().any(|n| n == output),
-            "the graph has no output {output:?} (it has {outputs:?})"
-        );
+        for wanted in [
+            &spec.outputs.probabilities,
+            &spec.outputs.risk_score,
+            &spec.outputs.survival,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            anyhow::ensure!(
+                outputs.contains(wanted),
+                "the graph has no output {wanted:?} (it has {outputs:?})"
+            );
+        }
         Ok(Self {
             session: Mutex::new(session),
-            input: input.into(),
-            output: output.into(),
+            input: spec.input.clone(),
+            input_type: spec.input_type,
+            outputs: spec.outputs.clone(),
             width,
             provider,
         })
     }
 
-    /// Runs `rows` (row-major, `width` values each) and returns the output rows.
-    pub fn predict(&self, rows: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
+    /// Runs `rows` (row-major, `width` values each) and returns each row's outputs.
+    pub fn predict(&self, rows: &[f64]) -> anyhow::Result<Vec<ModelOutputs>> {
         anyhow::ensure!(
             !rows.is_empty() && rows.len().is_multiple_of(self.width),
             "a batch of {} values is not a whole number of rows of {}",
@@ -118,17 +133,50 @@ impl OnnxModel {
             .session
             .lock()
             .map_err(|_| anyhow!("an earlier inference panicked"))?;
-        let tensor = TensorRef::from_array_view(([n, self.width], rows))?;
-        let outputs = session.run(ort::inputs![self.input.as_str() => tensor])?;
-        let (shape, values) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
-        let per_row = shape.get(1).copied().unwrap_or(1);
-        let per_row = usize::try_from(per_row).context("negative output dimension")?;
-        anyhow::ensure!(
-            values.len() == n * per_row,
-            "output shape {shape:?} does not match {n} rows"
-        );
-        Ok(values.chunks(per_row).map(<[f32]>::to_vec).collect())
+        let narrow: Vec<f32>;
+        let outputs = match self.input_type {
+            InputType::Float32 => {
+                narrow = rows.iter().map(|v| *v as f32).collect();
+                session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, self.width], &narrow[..]))?])?
+            }
+            InputType::Float64 => session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, self.width], rows))?])?,
+        };
+        let mut per_row = vec![ModelOutputs::default(); n];
+        if let Some(name) = &self.outputs.probabilities {
+            for (row, values) in per_row.iter_mut().zip(matrix(&outputs[name.as_str()], n)?) {
+                row.probabilities = Some(values);
+            }
+        }
+        if let Some(name) = &self.outputs.risk_score {
+            for (row, values) in per_row.iter_mut().zip(matrix(&outputs[name.as_str()], n)?) {
+                row.risk_score = values.first().copied();
+            }
+        }
+        if let Some(name) = &self.outputs.survival {
+            for (row, values) in per_row.iter_mut().zip(matrix(&outputs[name.as_str()], n)?) {
+                row.survival = Some(values);
+            }
+        }
+        Ok(per_row)
     }
+}
+
+/// An [n, k] float output (f32 or f64) as n rows of k values.
+fn matrix(value: &ort::value::DynValue, n: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let (shape, values): (Vec<i64>, Vec<f64>) = match value.try_extract_tensor::<f32>() {
+        Ok((shape, v)) => (shape.to_vec(), v.iter().map(|x| f64::from(*x)).collect()),
+        Err(_) => {
+            let (shape, v) = value.try_extract_tensor::<f64>()?;
+            (shape.to_vec(), v.to_vec())
+        }
+    };
+    let width =
+        usize::try_from(shape.get(1).copied().unwrap_or(1)).context("negative output dimension")?;
+    anyhow::ensure!(
+        width > 0 && values.len() == n * width,
+        "output shape {shape:?} does not match {n} rows"
+    );
+    Ok(values.chunks(width).map(<[f64]>::to_vec).collect())
 }
 
 fn build_session(

@@ -1,3 +1,5 @@
 //! Background work: the worker that claims queued analyses, runs them and stores their results.
 
+pub mod completions;
+pub mod retry;
 pub mod worker;

@@ -1,22 +1,38 @@
-//! The worker. `step` claims a batch, runs each model's share of it as one inference call and
-//! stores every outcome; `run` repeats that, woken by NOTIFY with polling as the fallback.
+//! The worker. `step` = `claim` a batch of one model's jobs + `process` it: one inference call for
+//! the batch, every outcome stored in one transaction, the lease heartbeated meanwhile. `run`
+//! repeats that, woken by NOTIFY with polling as the fallback.
 
-use crate::domain::result::ClassificationResult;
+use crate::config::Config;
+use crate::domain::contract::RangeFlag;
+use crate::domain::result::ModelOutputs;
+use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
 use crate::repo;
 use crate::repo::jobs::{ClaimedJob, Outcome};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-/// What one job produced: its result document and timings, or the reason it failed.
-type JobOutcome = Result<(serde_json::Value, serde_json::Value), String>;
+/// A stored input checked again: its encoded row and its out-of-training-range flags.
+type Checked = (Vec<f64>, Vec<RangeFlag>);
+
+/// What one attempt at a job produced.
+#[derive(Debug, Clone)]
+enum Attempt {
+    Done {
+        result: Value,
+        timings: Value,
+    },
+    /// Might succeed if tried again (inference error, model not loaded here).
+    Transient(String),
+    /// Will never succeed (the stored input breaks the contract).
+    Permanent(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -24,157 +40,230 @@ pub struct Worker {
     registry: Arc<Registry>,
     id: Uuid,
     batch_size: i64,
-    lease_secs: f64,
+    batch_wait: Duration,
+    lease: Duration,
+    retry: RetryPolicy,
 }
 
 impl Worker {
-    pub fn new(pool: PgPool, registry: Arc<Registry>, batch_size: u32, lease_secs: u32) -> Self {
+    pub fn new(pool: PgPool, registry: Arc<Registry>, config: &Config) -> Self {
         Self {
             pool,
             registry,
             id: Uuid::now_v7(),
-            batch_size: i64::from(batch_size),
-            lease_secs: f64::from(lease_secs),
+            batch_size: i64::from(config.worker_batch_size),
+            batch_wait: Duration::from_millis(config.worker_batch_wait_ms),
+            lease: Duration::from_secs(u64::from(config.worker_lease_secs)),
+            retry: config.retry_policy(),
         }
     }
 
-    /// Claims what is runnable now (up to the batch size), runs it and stores the outcomes.
-    /// Returns how many analyses were finished.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Claims what is runnable now (up to the batch size, one model), runs it and stores the
+    /// outcomes. Returns how many jobs it finished or rescheduled.
     pub async fn step(&self) -> anyhow::Result<usize> {
-        let jobs = repo::jobs::claim(&self.pool, self.id, self.batch_size, self.lease_secs).await?;
+        let jobs = self.claim().await?;
+        self.process(jobs).await
+    }
+
+    /// Fails jobs whose worker died on every attempt, then claims a batch. When the batch is not
+    /// full and a batch wait is configured, waits once for more jobs of the same model.
+    pub async fn claim(&self) -> anyhow::Result<Vec<ClaimedJob>> {
+        let mut tx = self.pool.begin().await?;
+        let reaped = repo::jobs::reap_exhausted(&mut tx).await?;
+        tx.commit().await?;
+        if reaped > 0 {
+            tracing::warn!(reaped, "failed analyses whose worker died on every attempt");
+        }
+        let lease = self.lease.as_secs_f64();
+        let mut jobs = repo::jobs::claim(&self.pool, self.id, self.batch_size, lease, None).await?;
+        let missing = self.batch_size - jobs.len() as i64;
+        if !jobs.is_empty() && missing > 0 && !self.batch_wait.is_zero() {
+            tokio::time::sleep(self.batch_wait).await;
+            let model = jobs[0].model_name.clone();
+            jobs.extend(
+                repo::jobs::claim(&self.pool, self.id, missing, lease, Some(&model)).await?,
+            );
+        }
+        Ok(jobs)
+    }
+
+    /// Runs claimed jobs and stores their outcomes; the lease is extended while this runs.
+    pub async fn process(&self, jobs: Vec<ClaimedJob>) -> anyhow::Result<usize> {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let mut by_model: BTreeMap<String, Vec<ClaimedJob>> = BTreeMap::new();
-        for job in jobs {
-            by_model
-                .entry(job.model_name.clone())
-                .or_default()
-                .push(job);
-        }
+        let _heartbeat = self.heartbeat(&jobs);
         let mut finished = 0;
-        for (name, jobs) in by_model {
-            let span = tracing::info_span!("batch", model = %name, size = jobs.len());
-            finished += self.run_batch(&name, jobs).instrument(span).await?;
+        // Claims are per model; grouping again keeps this correct for any mix.
+        let mut groups: Vec<(String, Vec<ClaimedJob>)> = Vec::new();
+        for job in jobs {
+            match groups.iter_mut().find(|(m, _)| *m == job.model_name) {
+                Some((_, group)) => group.push(job),
+                None => groups.push((job.model_name.clone(), vec![job])),
+            }
+        }
+        for (model, jobs) in groups {
+            let span = tracing::info_span!("batch", model = %model, size = jobs.len());
+            let attempts = self.run_batch(&model, &jobs).instrument(span).await;
+            finished += self.store(&jobs, attempts).await?;
         }
         Ok(finished)
     }
 
-    async fn run_batch(&self, name: &str, jobs: Vec<ClaimedJob>) -> anyhow::Result<usize> {
+    /// Extends the leases every third of the lease until the returned guard is dropped.
+    fn heartbeat(&self, jobs: &[ClaimedJob]) -> tokio_util::sync::DropGuard {
+        let held: Vec<(Uuid, i32)> = jobs.iter().map(|j| (j.analysis_id, j.attempts)).collect();
+        let (pool, id, lease) = (self.pool.clone(), self.id, self.lease);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = repo::jobs::heartbeat(&pool, id, &held, lease.as_secs_f64()).await {
+                            tracing::warn!(error = %e, "heartbeat failed; the lease may expire");
+                        }
+                    }
+                }
+            }
+        });
+        stop.drop_guard()
+    }
+
+    async fn run_batch(&self, name: &str, jobs: &[ClaimedJob]) -> Vec<Attempt> {
         let Some(model) = self.registry.get(name) else {
-            let error = format!("model {name} is not loaded in this worker");
-            return self
-                .store(jobs.iter().map(|j| (j, Err(error.clone()))).collect())
-                .await;
+            return vec![
+                Attempt::Transient(format!(
+                    "model {name} is not loaded in the worker that claimed it"
+                ));
+                jobs.len()
+            ];
         };
         // Inputs were checked on the way in; checking again costs microseconds and guards against
         // a stored row that predates a contract change.
-        let mut rows = Vec::with_capacity(jobs.len() * model.manifest.inputs.len());
-        let mut checked = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            let valid = job
-                .input
-                .as_object()
-                .ok_or_else(|| "stored input is not an object".to_owned())
-                .and_then(|features| {
-                    model
-                        .manifest
-                        .validate_features(features)
-                        .map_err(|errors| {
-                            errors
-                                .iter()
-                                .map(|e| format!("{}: {}", e.field, e.message))
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        })
-                });
-            if let Ok(v) = &valid {
-                rows.extend(v.values.iter().map(|x| *x as f32));
-            }
-            checked.push(valid);
-        }
+        let checked: Vec<Result<Checked, String>> = jobs
+            .iter()
+            .map(|job| {
+                let features = job
+                    .input
+                    .as_object()
+                    .ok_or("the stored input is not an object")?;
+                model
+                    .manifest
+                    .validate_features(features)
+                    .map(|v| (v.encoded, v.outside_training_range))
+                    .map_err(|errors| {
+                        errors
+                            .iter()
+                            .map(|e| format!("{}: {}", e.field, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+            })
+            .collect();
+        let rows: Vec<f64> = checked
+            .iter()
+            .flatten()
+            .flat_map(|(encoded, _)| encoded.iter().copied())
+            .collect();
+        let batch_size = checked.iter().filter(|c| c.is_ok()).count();
         let started = Instant::now();
         let predictions = if rows.is_empty() {
             Ok(Vec::new())
         } else {
             let model = Arc::clone(&model);
-            let span =
-                tracing::info_span!("infer", rows = rows.len() / model.manifest.inputs.len());
-            tokio::task::spawn_blocking(move || span.in_scope(|| model.onnx.predict(&rows)))
+            let span = tracing::info_span!("infer", rows = batch_size);
+            match tokio::task::spawn_blocking(move || span.in_scope(|| model.onnx.predict(&rows)))
                 .await
-                .map_err(|e| anyhow::anyhow!("inference task died: {e}"))?
+            {
+                Ok(result) => result.map_err(|e| format!("{e:#}")),
+                Err(e) => Err(format!("the inference task died: {e}")),
+            }
         };
         let infer_ms = started.elapsed().as_secs_f64() * 1e3;
-        let batch_size = checked.iter().filter(|c| c.is_ok()).count();
         let mut outputs = match predictions {
             Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
             Err(e) => {
-                tracing::error!(error = ?e, model = name, "inference failed");
-                vec![Err(format!("inference failed: {e}")); batch_size].into_iter()
+                tracing::error!(error = %e, model = name, "inference failed");
+                vec![Err(e); batch_size].into_iter()
             }
         };
-        let outcomes = jobs
-            .iter()
+        jobs.iter()
             .zip(checked)
-            .map(|(job, valid)| {
-                let outcome = valid.and_then(|v| {
-                    let row = outputs
-                        .next()
-                        .unwrap_or_else(|| Err("model returned too few rows".into()))?;
-                    result_document(
-                        &model,
-                        job,
-                        &row,
-                        v.outside_training_range,
-                        infer_ms,
-                        batch_size,
-                    )
-                });
-                (job, outcome)
+            .map(|(job, checked)| match checked {
+                Err(e) => {
+                    Attempt::Permanent(format!("the stored input no longer fits the model: {e}"))
+                }
+                Ok((encoded, flags)) => match outputs.next() {
+                    Some(Ok(row)) => {
+                        match result_document(
+                            &model, job, &row, &encoded, flags, infer_ms, batch_size,
+                        ) {
+                            Ok((result, timings)) => Attempt::Done { result, timings },
+                            Err(e) => Attempt::Permanent(e),
+                        }
+                    }
+                    Some(Err(e)) => Attempt::Transient(format!("inference failed: {e}")),
+                    None => {
+                        Attempt::Transient("the model returned fewer rows than it was given".into())
+                    }
+                },
             })
-            .collect();
-        self.store(outcomes).await
+            .collect()
     }
 
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
-    async fn store(&self, outcomes: Vec<(&ClaimedJob, JobOutcome)>) -> anyhow::Result<usize> {
+    async fn store(&self, jobs: &[ClaimedJob], attempts: Vec<Attempt>) -> anyhow::Result<usize> {
         let provider = self.registry.provider();
         let mut tx = self.pool.begin().await?;
-        let mut finished = 0;
-        for (job, outcome) in &outcomes {
-            let outcome = match outcome {
-                Ok((result, timings)) => Outcome::Succeeded {
+        let mut stored = 0;
+        let mut done = Vec::new();
+        for (job, attempt) in jobs.iter().zip(&attempts) {
+            let exhausted;
+            let outcome = match attempt {
+                Attempt::Done { result, timings } => Outcome::Succeeded {
                     result,
                     timings,
                     execution_provider: provider,
                 },
-                Err(error) => Outcome::Failed { error },
+                Attempt::Permanent(error) => Outcome::Failed { error },
+                Attempt::Transient(error) if self.retry.allows_another(job.attempts) => {
+                    Outcome::Retry {
+                        error,
+                        delay_secs: self.retry.delay(job.attempts, unit_random()).as_secs_f64(),
+                    }
+                }
+                Attempt::Transient(error) => {
+                    exhausted = format!("{error} (gave up after {} attempts)", job.attempts);
+                    Outcome::Failed { error: &exhausted }
+                }
             };
+            let terminal = !matches!(outcome, Outcome::Retry { .. });
             if repo::jobs::finish(&mut tx, job, self.id, outcome).await? {
-                finished += 1;
+                stored += 1;
+                if terminal {
+                    done.push(job.analysis_id);
+                }
             } else {
-                tracing::warn!(analysis = %job.analysis_id, "lease lost before the result was stored; discarded");
+                tracing::warn!(analysis = %job.analysis_id, "job cancelled or lease lost before its outcome was stored; discarded");
             }
         }
+        repo::jobs::notify_done(&mut tx, &done).await?;
         tx.commit().await?;
-        Ok(finished)
+        Ok(stored)
     }
 
-    /// Steps until `shutdown`, sleeping between empty steps until NOTIFY or `poll` elapses.
+    /// Steps until `shutdown`, sleeping between empty steps until NOTIFY or `poll` elapses. The
+    /// current batch always finishes (or its lease lapses) before this returns.
     pub async fn run(self, shutdown: CancellationToken, poll: Duration) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut l) => match l.listen(repo::JOBS_CHANNEL).await {
-                Ok(()) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN failed; polling only");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "no listener connection; polling only");
-                None
-            }
-        };
+        let mut listener = listen(&self.pool).await;
         tracing::info!(worker = %self.id, "worker started");
         while !shutdown.is_cancelled() {
             let finished = match self.step().await {
@@ -189,14 +278,19 @@ impl Worker {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(poll) => {}
+                () = tokio::time::sleep(poll) => {
+                    if listener.is_none() {
+                        listener = listen(&self.pool).await;
+                    }
+                }
                 notified = async {
                     match listener.as_mut() {
                         Some(l) => l.recv().await.map(|_| ()),
                         None => std::future::pending().await,
                     }
                 } => if let Err(e) = notified {
-                    tracing::warn!(error = %e, "listener lost; polling until it reconnects");
+                    tracing::warn!(error = %e, "job listener lost; polling until it is back");
+                    listener = None;
                 }
             }
         }
@@ -204,20 +298,26 @@ impl Worker {
     }
 }
 
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    listener.listen(repo::JOBS_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
 /// The stored result and timings of one job.
 fn result_document(
     model: &LoadedModel,
     job: &ClaimedJob,
-    row: &[f32],
-    flags: Vec<crate::domain::contract::RangeFlag>,
+    outputs: &ModelOutputs,
+    encoded: &[f64],
+    flags: Vec<RangeFlag>,
     infer_ms: f64,
     batch_size: usize,
-) -> JobOutcome {
-    let result = ClassificationResult::from_probabilities(&model.manifest, row, flags)?;
-    let queue_wait_ms = job
-        .started_at
-        .map(|s| (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3)
-        .unwrap_or(0.0);
+) -> Result<(Value, Value), String> {
+    let result = crate::domain::result::build(&model.manifest, outputs, encoded, flags)?;
+    let queue_wait_ms = job.started_at.map_or(0.0, |s| {
+        (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
+    });
     let document = serde_json::to_value(result).map_err(|e| e.to_string())?;
     let timings =
         json!({ "queue_wait_ms": queue_wait_ms, "infer_ms": infer_ms, "batch_size": batch_size });

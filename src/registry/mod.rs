@@ -86,12 +86,6 @@ fn load_model(folder: &Path, options: &SessionOptions) -> anyhow::Result<LoadedM
         manifest.onnx.file,
         manifest.onnx.sha256
     );
-    let onnx = OnnxModel::load(
-        &bytes,
-        &manifest.onnx.input,
-        &manifest.onnx.output,
-        manifest.inputs.len(),
-        options,
-    )?;
+    let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), options)?;
     Ok(LoadedModel { manifest, onnx })
 }

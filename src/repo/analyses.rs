@@ -4,58 +4,80 @@ use crate::domain::analysis::Priority;
 use crate::domain::ids::{AnalysisId, TenantId};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+/// One analysis to queue; many are written with one statement each for analyses and jobs.
 #[derive(Debug)]
-pub struct NewAnalysis<'a> {
+pub struct NewAnalysis {
     pub id: AnalysisId,
+    pub subject: Option<String>,
+    pub input: Value,
+    pub input_sha256: String,
+    pub validate_ms: f64,
+}
+
+/// What all analyses of one submission share.
+#[derive(Debug)]
+pub struct Submission<'a> {
     pub tenant: &'a TenantId,
     pub submitted_by: &'a str,
-    pub subject: Option<&'a str>,
     pub model_name: &'a str,
     pub model_version: &'a str,
     pub model_sha256: &'a str,
     pub priority: Priority,
-    pub input: &'a Value,
-    pub input_sha256: &'a str,
-    pub validate_ms: f64,
+    pub batch_id: Option<Uuid>,
+    pub max_attempts: i32,
 }
 
-/// Writes the analysis and its job atomically and wakes the workers: either both rows exist and a
-/// worker will see them, or neither does.
-pub async fn insert_with_job(pool: &PgPool, new: &NewAnalysis<'_>) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
+/// Writes the analyses and their jobs inside the caller's transaction and wakes the workers at
+/// commit: either every row exists and a worker will see it, or none does.
+pub async fn insert_with_jobs(
+    tx: &mut PgConnection,
+    submission: &Submission<'_>,
+    analyses: &[NewAnalysis],
+) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = analyses.iter().map(|a| a.id.0).collect();
+    let subjects: Vec<Option<String>> = analyses.iter().map(|a| a.subject.clone()).collect();
+    let inputs: Vec<Value> = analyses.iter().map(|a| a.input.clone()).collect();
+    let digests: Vec<String> = analyses.iter().map(|a| a.input_sha256.clone()).collect();
+    let validate_ms: Vec<f64> = analyses.iter().map(|a| a.validate_ms).collect();
     sqlx::query!(
         "insert into analyses (id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
-                               priority, input, input_sha256, validate_ms)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        new.id.0,
-        new.tenant.as_str(),
-        new.submitted_by,
-        new.subject,
-        new.model_name,
-        new.model_version,
-        new.model_sha256,
-        new.priority.as_str(),
-        new.input,
-        new.input_sha256,
-        new.validate_ms,
+                               priority, input, input_sha256, validate_ms, batch_id)
+         select id, $2, $3, subject, $4, $5, $6, $7, input, input_sha256, validate_ms, $8
+         from unnest($1::uuid[], $9::text[], $10::jsonb[], $11::text[], $12::float8[])
+              as t(id, subject, input, input_sha256, validate_ms)",
+        &ids,
+        submission.tenant.as_str(),
+        submission.submitted_by,
+        submission.model_name,
+        submission.model_version,
+        submission.model_sha256,
+        submission.priority.as_str(),
+        submission.batch_id,
+        &subjects as &[Option<String>],
+        &inputs,
+        &digests,
+        &validate_ms,
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        "insert into jobs (analysis_id, tenant_id, priority) values ($1, $2, $3)",
-        new.id.0,
-        new.tenant.as_str(),
-        new.priority.queue_rank(),
+        "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts)
+         select id, $2, $3, $4, $5 from unnest($1::uuid[]) as t(id)",
+        &ids,
+        submission.tenant.as_str(),
+        submission.model_name,
+        submission.priority.queue_rank(),
+        submission.max_attempts,
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!("select pg_notify($1, '')", super::JOBS_CHANNEL)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// An analysis with its result, as stored.
@@ -74,6 +96,7 @@ pub struct AnalysisRecord {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub batch_id: Option<Uuid>,
     pub result: Option<Value>,
     pub timings: Option<Value>,
     pub execution_provider: Option<String>,
@@ -89,7 +112,7 @@ pub async fn find(
         AnalysisRecord,
         r#"select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority, a.status,
                   a.input_sha256, a.error, a.validate_ms, a.created_at, a.started_at, a.finished_at,
-                  r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
+                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
            from analyses a left join results r on r.analysis_id = a.id
            where a.tenant_id = $1 and a.id = $2"#,
         tenant.as_str(),
@@ -109,26 +132,99 @@ pub struct AnalysisSummary {
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub batch_id: Option<Uuid>,
 }
 
-/// The tenant's analyses, newest first, `limit` at a time, continuing below `before` (ids are UUIDv7).
+/// Filters for a listing; every one is optional.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    pub before: Option<AnalysisId>,
+    pub status: Option<String>,
+    pub model: Option<String>,
+    pub subject: Option<String>,
+    pub batch: Option<Uuid>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// The tenant's analyses matching `filter`, newest first, `limit` at a time, continuing below
+/// `filter.before` (ids are UUIDv7, so id order is submission order).
 pub async fn list(
     db: impl PgExecutor<'_>,
     tenant: &TenantId,
-    before: Option<AnalysisId>,
+    filter: &ListFilter,
     limit: i64,
 ) -> sqlx::Result<Vec<AnalysisSummary>> {
     sqlx::query_as!(
         AnalysisSummary,
-        "select id, subject, model_name, model_version, priority, status, created_at, finished_at
+        "select id, subject, model_name, model_version, priority, status, created_at, finished_at, batch_id
          from analyses
-         where tenant_id = $1 and ($2::uuid is null or id < $2)
+         where tenant_id = $1
+           and ($2::uuid is null or id < $2)
+           and ($3::text is null or status = $3)
+           and ($4::text is null or model_name = $4)
+           and ($5::text is null or subject = $5)
+           and ($6::uuid is null or batch_id = $6)
+           and ($7::timestamptz is null or created_at >= $7)
+           and ($8::timestamptz is null or created_at < $8)
          order by id desc
-         limit $3",
+         limit $9",
         tenant.as_str(),
-        before.map(|b| b.0),
+        filter.before.map(|b| b.0),
+        filter.status,
+        filter.model,
+        filter.subject,
+        filter.batch,
+        filter.created_after,
+        filter.created_before,
         limit,
     )
     .fetch_all(db)
     .await
+}
+
+/// What a cancel request found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    Now,
+    /// Already in a final state (which one).
+    AlreadyFinal(String),
+    NotFound,
+}
+
+/// Cancels a queued or running analysis: its job is marked cancelled first (the same lock order as
+/// the worker's completion), so a worker holding it can no longer complete it.
+pub async fn cancel(
+    tx: &mut PgConnection,
+    tenant: &TenantId,
+    id: AnalysisId,
+) -> sqlx::Result<Cancelled> {
+    let job = sqlx::query_scalar!(
+        "update jobs set state = 'cancelled', lease_owner = null, lease_expires_at = null
+         where analysis_id = $1 and tenant_id = $2 and state in ('queued', 'running')
+         returning analysis_id",
+        id.0,
+        tenant.as_str(),
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if job.is_some() {
+        sqlx::query!(
+            "update analyses set status = 'cancelled', finished_at = now() where id = $1 and tenant_id = $2",
+            id.0,
+            tenant.as_str(),
+        )
+        .execute(&mut *tx)
+        .await?;
+        super::jobs::notify_done(tx, &[id.0]).await?;
+        return Ok(Cancelled::Now);
+    }
+    let status = sqlx::query_scalar!(
+        "select status from analyses where id = $1 and tenant_id = $2",
+        id.0,
+        tenant.as_str()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(status.map_or(Cancelled::NotFound, Cancelled::AlreadyFinal))
 }

@@ -1,5 +1,7 @@
-//! The queue: claim with one `FOR UPDATE SKIP LOCKED` statement that sets a lease, complete or fail
-//! in the same transaction that stores the outcome, fenced on the lease owner and attempt number.
+//! The queue: claim with one `FOR UPDATE SKIP LOCKED` statement that sets a lease, heartbeat the
+//! lease, and complete, retry or fail in the same transaction that stores the outcome — always
+//! fenced on the lease owner and attempt number, so a job whose lease was lost or that was
+//! cancelled is never completed by a stale worker.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -7,30 +9,43 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 /// A job this worker now holds, with what it needs to run it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ClaimedJob {
     pub analysis_id: Uuid,
     pub tenant_id: String,
     pub attempts: i32,
+    pub max_attempts: i32,
     pub model_name: String,
     pub input: Value,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
 }
 
-/// Claims up to `limit` runnable jobs — queued ones, and running ones whose lease expired (their
-/// worker died) — `stat` first, oldest first, and marks their analyses running.
+/// Claims up to `limit` runnable jobs of one model — the model of the most urgent runnable job —
+/// so that they run as one inference batch. Runnable: queued and due, or running with an expired
+/// lease (its worker died) and attempts left. `stat` first, then oldest first.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker: Uuid,
     limit: i64,
     lease_secs: f64,
+    model: Option<&str>,
 ) -> sqlx::Result<Vec<ClaimedJob>> {
     sqlx::query_as!(
         ClaimedJob,
-        r#"with picked as (
+        r#"with head as (
+               select model_name from jobs
+               where ((state = 'queued' and run_after <= now())
+                      or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
+                 and ($4::text is null or model_name = $4)
+               order by priority, enqueued_at
+               limit 1
+               for update skip locked
+           ), picked as (
                select analysis_id from jobs
-               where state = 'queued' or (state = 'running' and lease_expires_at < now())
+               where model_name = (select model_name from head)
+                 and ((state = 'queued' and run_after <= now())
+                      or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
                order by priority, enqueued_at
                limit $1
                for update skip locked
@@ -39,23 +54,72 @@ pub async fn claim(
                set state = 'running', attempts = j.attempts + 1, lease_owner = $2,
                    lease_expires_at = now() + make_interval(secs => $3)
                from picked where j.analysis_id = picked.analysis_id
-               returning j.analysis_id, j.tenant_id, j.attempts
+               returning j.analysis_id, j.tenant_id, j.attempts, j.max_attempts, j.model_name
            ), started as (
                update analyses a
                set status = 'running', started_at = coalesce(a.started_at, now())
                from claimed where a.id = claimed.analysis_id
-               returning a.id, a.model_name, a.input, a.created_at, a.started_at
+               returning a.id, a.input, a.created_at, a.started_at
            )
            select c.analysis_id as "analysis_id!", c.tenant_id as "tenant_id!", c.attempts as "attempts!",
-                  s.model_name as "model_name!", s.input as "input!", s.created_at as "created_at!",
-                  s.started_at
+                  c.max_attempts as "max_attempts!", c.model_name as "model_name!", s.input as "input!",
+                  s.created_at as "created_at!", s.started_at
            from claimed c join started s on s.id = c.analysis_id"#,
         limit,
         worker,
         lease_secs,
+        model,
     )
     .fetch_all(db)
     .await
+}
+
+/// Fails the jobs whose worker died on every attempt (lease expired, no attempts left): a job that
+/// kills its worker must not be retried forever. Returns how many.
+pub async fn reap_exhausted(tx: &mut PgConnection) -> sqlx::Result<u64> {
+    let ids = sqlx::query_scalar!(
+        "update jobs set state = 'failed', lease_owner = null, lease_expires_at = null,
+                         last_error = 'the worker stopped responding on every attempt'
+         where state = 'running' and lease_expires_at < now() and attempts >= max_attempts
+         returning analysis_id"
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query!(
+        "update analyses set status = 'failed', finished_at = now(),
+                error = 'the worker running this analysis stopped responding on every attempt; it was not retried further'
+         where id = any($1)",
+        &ids,
+    )
+    .execute(&mut *tx)
+    .await?;
+    notify_done(tx, &ids).await?;
+    Ok(ids.len() as u64)
+}
+
+/// Extends the lease of jobs this worker still holds (same owner, same attempt).
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    worker: Uuid,
+    jobs: &[(Uuid, i32)],
+    lease_secs: f64,
+) -> sqlx::Result<u64> {
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = jobs.iter().copied().unzip();
+    Ok(sqlx::query!(
+        "update jobs set lease_expires_at = now() + make_interval(secs => $4)
+         where lease_owner = $1 and state = 'running'
+           and (analysis_id, attempts) in (select * from unnest($2::uuid[], $3::int[]))",
+        worker,
+        &ids,
+        &attempts,
+        lease_secs,
+    )
+    .execute(db)
+    .await?
+    .rows_affected())
 }
 
 /// The outcome of one job, stored with the job's completion.
@@ -66,31 +130,40 @@ pub enum Outcome<'a> {
         timings: &'a Value,
         execution_provider: &'a str,
     },
+    /// Worth another attempt after `delay_secs` (a transient failure).
+    Retry {
+        error: &'a str,
+        delay_secs: f64,
+    },
     Failed {
         error: &'a str,
     },
 }
 
-/// Stores `outcome` and closes the job, inside the caller's transaction. Returns false (and writes
-/// nothing) when this worker no longer holds the lease, so a job reclaimed by another worker after
-/// an expired lease never gets two results.
+/// Stores `outcome` and closes (or requeues) the job, inside the caller's transaction. Returns
+/// false, writing nothing, when this worker no longer holds the job: its lease was taken over, or
+/// the analysis was cancelled meanwhile.
 pub async fn finish(
     tx: &mut PgConnection,
     job: &ClaimedJob,
     worker: Uuid,
     outcome: Outcome<'_>,
 ) -> sqlx::Result<bool> {
-    let (job_state, status, error) = match outcome {
-        Outcome::Succeeded { .. } => ("done", "succeeded", None),
-        Outcome::Failed { error } => ("failed", "failed", Some(error)),
+    let (job_state, status, error, delay) = match outcome {
+        Outcome::Succeeded { .. } => ("done", "succeeded", None, 0.0),
+        Outcome::Retry { error, delay_secs } => ("queued", "queued", Some(error), delay_secs),
+        Outcome::Failed { error } => ("failed", "failed", Some(error), 0.0),
     };
     let fenced = sqlx::query!(
-        "update jobs set state = $4, lease_owner = null, lease_expires_at = null
+        "update jobs set state = $4, lease_owner = null, lease_expires_at = null, last_error = $5,
+                         run_after = now() + make_interval(secs => $6)
          where analysis_id = $1 and lease_owner = $2 and attempts = $3 and state = 'running'",
         job.analysis_id,
         worker,
         job.attempts,
         job_state,
+        error,
+        delay,
     )
     .execute(&mut *tx)
     .await?
@@ -116,13 +189,33 @@ pub async fn finish(
         .execute(&mut *tx)
         .await?;
     }
+    let terminal = status != "queued";
     sqlx::query!(
-        "update analyses set status = $2, error = $3, finished_at = now() where id = $1",
+        "update analyses set status = $2, error = $3,
+                finished_at = case when $4 then now() end
+         where id = $1",
         job.analysis_id,
         status,
-        error,
+        if terminal { error } else { None },
+        terminal,
     )
     .execute(&mut *tx)
     .await?;
     Ok(true)
+}
+
+/// Tells waiting readers (long polls, other processes) that these analyses changed for good.
+pub async fn notify_done(tx: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
+    // A NOTIFY payload is limited to 8000 bytes: 200 ids of 37 bytes fit.
+    for chunk in ids.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query!("select pg_notify($1, $2)", super::DONE_CHANNEL, payload)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }

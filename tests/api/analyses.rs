@@ -4,10 +4,10 @@ use crate::helpers::{MODEL, TestApp, assert_problem, manifest, reference_rows};
 use serde_json::{Value, json};
 
 #[tokio::test]
-async fn results_match_the_probabilities_of_the_training_script() {
+async fn a_json_case_gets_the_training_scripts_probability_and_a_traceable_result() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
-    let rows = reference_rows();
+    let rows: Vec<Value> = reference_rows().into_iter().take(8).collect();
     let mut ids = Vec::new();
     for row in &rows {
         ids.push(app.submit(&token, &row["features"]).await);
@@ -19,7 +19,9 @@ async fn results_match_the_probabilities_of_the_training_script() {
     );
 
     let manifest = manifest();
-    let threshold = manifest["threshold"]["value"].as_f64().unwrap();
+    let threshold = manifest["classification"]["threshold"]["value"]
+        .as_f64()
+        .unwrap();
     for (id, row) in ids.iter().zip(&rows) {
         let analysis: Value = app
             .get(&format!("/v1/analyses/{id}"), &token)
@@ -38,7 +40,7 @@ async fn results_match_the_probabilities_of_the_training_script() {
         let benign = predictions.iter().find(|p| p["label"] == "benign").unwrap()["probability"]
             .as_f64()
             .unwrap();
-        let expected = row["probability_malignant"].as_f64().unwrap();
+        let expected = row["expected"]["probability"].as_f64().unwrap();
         assert!(
             (malignant - expected).abs() < 1e-5,
             "row {}: onkos {malignant}, scikit-learn {expected}",
@@ -63,6 +65,18 @@ async fn results_match_the_probabilities_of_the_training_script() {
                 .as_str()
                 .unwrap()
                 .contains("not a medical device")
+        );
+        let contributions = analysis["result"]["explanation"]["contributions"]
+            .as_array()
+            .unwrap();
+        assert_eq!(contributions.len(), 30);
+        let magnitudes: Vec<f64> = contributions
+            .iter()
+            .map(|c| c["contribution"].as_f64().unwrap().abs())
+            .collect();
+        assert!(
+            magnitudes.windows(2).all(|w| w[0] >= w[1]),
+            "contributions are sorted by size"
         );
         for stage in ["validate_ms", "queue_wait_ms", "infer_ms"] {
             assert!(

@@ -194,6 +194,17 @@ impl TestApp {
         self.worker.step().await.unwrap()
     }
 
+    /// Steps the worker until nothing is runnable; returns how many analyses it finished.
+    pub async fn drain(&self) -> usize {
+        let mut total = 0;
+        loop {
+            match self.step().await {
+                0 => return total,
+                n => total += n,
+            }
+        }
+    }
+
     pub async fn rows(&self, table: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select count(*) from {table}")))
             .fetch_one(&self.pool)
@@ -208,19 +219,24 @@ impl Drop for TestApp {
     }
 }
 
-/// Real cohort rows with the probabilities the training script computed for them.
+/// Real WDBC cohort rows with the probabilities the training script computed for them.
 pub fn reference_rows() -> Vec<Value> {
-    let text = std::fs::read_to_string(repo_path(
-        "models/breast-fna-malignancy/reference_predictions.json",
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
+    model_references(MODEL)
+}
+
+/// Every cohort row of `model`, with the outputs its training script computed and the outcome.
+pub fn model_references(model: &str) -> Vec<Value> {
+    let path = repo_path(&format!("models/{model}/reference_predictions.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 pub fn manifest() -> Value {
-    let text =
-        std::fs::read_to_string(repo_path("models/breast-fna-malignancy/manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    model_manifest(MODEL)
+}
+
+pub fn model_manifest(model: &str) -> Value {
+    let path = repo_path(&format!("models/{model}/manifest.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// Asserts an RFC 9457 problem response with `status`, returning the problem document.

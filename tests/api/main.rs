@@ -6,6 +6,7 @@ mod analyses;
 mod auth;
 mod helpers;
 mod input_contract;
+mod models;
 mod openapi;
 mod startup;
 mod tenancy;

@@ -1,0 +1,157 @@
+//! `/v1/analyses`: submit analyses (one as JSON, many as CSV), read, wait for, list and cancel them.
+
+pub mod cancel;
+pub mod read;
+pub mod submit;
+
+use crate::app::AppState;
+use crate::domain::analysis::{Priority, Status};
+use crate::domain::ids::AnalysisId;
+use crate::domain::result::AnalysisResult;
+use crate::repo::analyses::AnalysisRecord;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// One analysis as JSON. (A batch is CSV: see `POST /v1/analyses?model=`.)
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the body; it is parsed field by field so that every error is reported.
+pub struct CreateAnalysisRequest {
+    /// A model name from `GET /v1/models`, e.g. `breast-fna-malignancy`.
+    pub model: String,
+    /// Feature name → value. Names and units are the model's inputs; no other key is accepted.
+    #[schema(value_type = Object, example = json!({"mean_radius": 17.99, "mean_texture": 10.38}))]
+    pub features: BTreeMap<String, Value>,
+    /// The caller's opaque reference (accession number, specimen id); stored and echoed, never parsed.
+    pub subject: Option<String>,
+    #[schema(default = "routine")]
+    pub priority: Option<Priority>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AnalysisAccepted {
+    pub id: AnalysisId,
+    pub status: Status,
+}
+
+/// The answer to a CSV batch: one analysis per data row, in row order.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchAccepted {
+    /// Lists the batch with `GET /v1/analyses?batch=`.
+    pub batch_id: Uuid,
+    pub analyses: Vec<AnalysisAccepted>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    /// sha256 of the exact ONNX file that ran.
+    pub sha256: String,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// Checking the input against the model's contract, on submission.
+    pub validate_ms: f64,
+    /// From submission until a worker claimed the analysis.
+    pub queue_wait_ms: Option<f64>,
+    /// The inference call of the batch this analysis ran in.
+    pub infer_ms: Option<f64>,
+    /// How many analyses shared that inference call.
+    pub batch_size: Option<u32>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AnalysisView {
+    pub id: AnalysisId,
+    pub status: Status,
+    pub subject: Option<String>,
+    pub priority: Priority,
+    /// Set when the analysis came from a CSV batch.
+    pub batch_id: Option<Uuid>,
+    pub model: ModelRef,
+    /// sha256 of the canonical input (features sorted by name).
+    pub input_sha256: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub timings: Timings,
+    /// ONNX Runtime execution provider that ran the model.
+    pub execution_provider: Option<String>,
+    /// Present when `status` is `succeeded`.
+    pub result: Option<AnalysisResult>,
+    /// Present when `status` is `failed`: what went wrong, for a person to read.
+    pub error: Option<String>,
+    pub intended_use: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AnalysisSummary {
+    pub id: AnalysisId,
+    pub status: Status,
+    pub subject: Option<String>,
+    pub priority: Priority,
+    pub batch_id: Option<Uuid>,
+    pub model: String,
+    pub model_version: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AnalysisPage {
+    pub items: Vec<AnalysisSummary>,
+    /// Pass as `before` to get the next (older) page; absent on the last page.
+    pub next_before: Option<AnalysisId>,
+}
+
+pub(crate) fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
+    let result: Option<AnalysisResult> = r.result.map(serde_json::from_value).transpose()?;
+    let timing = |key: &str| {
+        r.timings
+            .as_ref()
+            .and_then(|t| t.get(key))
+            .and_then(Value::as_f64)
+    };
+    let intended_use = result
+        .as_ref()
+        .map(|res| res.intended_use().to_owned())
+        .or_else(|| {
+            state
+                .registry
+                .get(&r.model_name)
+                .map(|m| m.manifest.intended_use.clone())
+        })
+        .unwrap_or_else(|| "Research use only, not a medical device.".into());
+    Ok(AnalysisView {
+        id: AnalysisId(r.id),
+        status: Status::parse(&r.status)
+            .ok_or_else(|| anyhow::anyhow!("stored status {:?}", r.status))?,
+        subject: r.subject,
+        priority: Priority::parse(&r.priority).unwrap_or_default(),
+        batch_id: r.batch_id,
+        model: ModelRef {
+            name: r.model_name,
+            version: r.model_version,
+            sha256: r.model_sha256,
+        },
+        input_sha256: r.input_sha256,
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        timings: Timings {
+            validate_ms: r.validate_ms,
+            queue_wait_ms: timing("queue_wait_ms"),
+            infer_ms: timing("infer_ms"),
+            batch_size: timing("batch_size").map(|b| b as u32),
+        },
+        execution_provider: r.execution_provider,
+        result,
+        error: r.error,
+        intended_use,
+    })
+}

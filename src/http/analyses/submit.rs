@@ -1,0 +1,430 @@
+//! `POST /v1/analyses`: one analysis as JSON, or a batch as CSV (one analysis per row). Input is
+//! checked against the model's contract before anything is stored; a retried request with the same
+//! `Idempotency-Key` gets the first answer back instead of a second analysis.
+
+use super::{AnalysisAccepted, BatchAccepted, CreateAnalysisRequest};
+use crate::app::AppState;
+use crate::auth::{Principal, Role};
+use crate::domain::analysis::{Priority, Status};
+use crate::domain::contract::{FieldError, ValidFeatures};
+use crate::domain::ids::AnalysisId;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::http::extract::{BodyKind, body_bytes, body_kind, json_object};
+use crate::registry::LoadedModel;
+use crate::repo;
+use crate::repo::analyses::{NewAnalysis, Submission};
+use crate::repo::idempotency::StoredAnswer;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Instant;
+use uuid::Uuid;
+
+const FIELDS: [&str; 4] = ["model", "features", "subject", "priority"];
+const MAX_SUBJECT: usize = 256;
+/// A CSV with many broken rows lists this many errors, not thousands.
+const MAX_REPORTED_ERRORS: usize = 100;
+const SUBJECT_COLUMN: &str = "subject";
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubmitParams {
+    /// CSV batches only: the model every row is analysed with.
+    pub model: Option<String>,
+    /// CSV batches only: the priority of every row (default routine).
+    pub priority: Option<Priority>,
+}
+
+/// Analyses ready to store.
+struct Prepared {
+    model: Arc<LoadedModel>,
+    priority: Priority,
+    batch_id: Option<Uuid>,
+    analyses: Vec<NewAnalysis>,
+}
+
+/// Queue one analysis (JSON) or a batch (CSV).
+///
+/// **JSON**: `{"model", "features", "subject"?, "priority"?}` queues one analysis.
+/// **CSV** (`Content-Type: text/csv`, `?model=`): a header row of feature names (and optionally a
+/// `subject` column), then one analysis per row; the answer lists the ids in row order. Validation
+/// is all-or-nothing: one bad cell refuses the whole file, naming row and column.
+///
+/// Every unknown, missing, non-numeric or non-finite feature is reported in one 422, and nothing is
+/// stored. With `Idempotency-Key`, a repeat of the same request returns the first answer; the same
+/// key with a different request is a 409.
+#[utoipa::path(post, path = "/v1/analyses", tag = "analyses",
+    params(SubmitParams, ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and request return the first answer")),
+    request_body(content(
+        (CreateAnalysisRequest = "application/json"),
+        (String = "text/csv", example = "subject,mean_radius,mean_texture,...\nACC-1,17.99,10.38,...")
+    )),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Queued: one analysis (JSON) or a batch (CSV)", body = AnalysisAccepted,
+            headers(("Location" = String, description = "The analysis (/v1/analyses/{id}) or the batch (/v1/analyses?batch={id})"))),
+        (status = 400, description = "The body is not a JSON object or readable CSV, or a query parameter is wrong", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the submitter role", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The Idempotency-Key was used for a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body exceeds the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is neither JSON nor CSV", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The input breaks the model's contract; `errors` names each field (and row)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is not reachable", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    principal: Principal,
+    params: Result<Query<SubmitParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    principal.require(&[Role::Submitter, Role::Admin])?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let kind = body_kind(&headers)?;
+    let bytes = body_bytes(body)?;
+    let key = idempotency_key(&headers)?;
+    let request_sha256 = request_digest(kind, &params, &bytes);
+    if let Some(key) = &key
+        && let Some(stored) = repo::idempotency::find(&state.pool, &principal.tenant, key).await?
+    {
+        return replay(stored, &request_sha256);
+    }
+
+    let prepared = match kind {
+        BodyKind::Json => {
+            if params.model.is_some() || params.priority.is_some() {
+                return Err(ApiError::BadRequest("model and priority go in the JSON body; the query parameters are for CSV batches".into()));
+            }
+            prepare_json(&state, &json_object(&bytes)?)?
+        }
+        BodyKind::Csv => prepare_csv(&state, &params, &bytes)?,
+    };
+    let (answer, location) = answer(&prepared);
+    let manifest = &prepared.model.manifest;
+    let submission = Submission {
+        tenant: &principal.tenant,
+        submitted_by: &principal.subject,
+        model_name: &manifest.name,
+        model_version: &manifest.version,
+        model_sha256: &manifest.onnx.sha256,
+        priority: prepared.priority,
+        batch_id: prepared.batch_id,
+        max_attempts: state.retry_max_attempts(),
+    };
+    let mut tx = state.pool.begin().await?;
+    repo::analyses::insert_with_jobs(&mut tx, &submission, &prepared.analyses).await?;
+    if let Some(key) = &key
+        && !repo::idempotency::remember(
+            &mut tx,
+            &principal.tenant,
+            key,
+            &request_sha256,
+            &answer,
+            Some(&location),
+        )
+        .await?
+    {
+        // A concurrent retry with the same key committed first: answer as it did.
+        tx.rollback().await?;
+        let stored = repo::idempotency::find(&state.pool, &principal.tenant, key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?;
+        return replay(stored, &request_sha256);
+    }
+    tx.commit().await?;
+    tracing::info!(model = %manifest.name, tenant = %principal.tenant, count = prepared.analyses.len(), "analyses queued");
+    Ok(accepted(answer, &location))
+}
+
+fn accepted(answer: Value, location: &str) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    if let Ok(value) = location.parse() {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {
+    if stored.request_sha256 != request_sha256 {
+        return Err(ApiError::Conflict(
+            "this Idempotency-Key was already used for a different request".into(),
+        ));
+    }
+    Ok(accepted(
+        stored.response,
+        stored.location.as_deref().unwrap_or(""),
+    ))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = raw.to_str().ok().map(str::trim).unwrap_or("");
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1-255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Identifies "the same request" for idempotency: body kind, batch parameters and the exact bytes.
+fn request_digest(kind: BodyKind, params: &SubmitParams, bytes: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(format!(
+        "{kind:?}\n{:?}\n{:?}\n",
+        params.model,
+        params.priority.map(Priority::as_str)
+    ));
+    hash.update(bytes);
+    hex::encode(hash.finalize())
+}
+
+fn answer(prepared: &Prepared) -> (Value, String) {
+    let accepted = |a: &NewAnalysis| AnalysisAccepted {
+        id: a.id,
+        status: Status::Queued,
+    };
+    match prepared.batch_id {
+        Some(batch_id) => (
+            json!(BatchAccepted {
+                batch_id,
+                analyses: prepared.analyses.iter().map(accepted).collect()
+            }),
+            format!("/v1/analyses?batch={batch_id}"),
+        ),
+        None => {
+            let one = &prepared.analyses[0];
+            (json!(accepted(one)), format!("/v1/analyses/{}", one.id))
+        }
+    }
+}
+
+/// Checks the JSON envelope and the features, collecting every error.
+fn prepare_json(state: &AppState, body: &Map<String, Value>) -> ApiResult<Prepared> {
+    let started = Instant::now();
+    let mut errors: Vec<FieldError> = body
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .map(|k| {
+            FieldError::new(
+                k.clone(),
+                "unknown",
+                format!("{k} is not a field of this request"),
+            )
+        })
+        .collect();
+    let model = match body.get("model") {
+        None => Err(FieldError::new("model", "missing", "model is required")),
+        Some(Value::String(name)) => find_model(state, name),
+        Some(_) => Err(FieldError::new(
+            "model",
+            "not_a_string",
+            "model must be a string",
+        )),
+    };
+    let features = match body.get("features") {
+        Some(Value::Object(map)) => Ok(map),
+        None => Err(FieldError::new(
+            "features",
+            "missing",
+            "features is required",
+        )),
+        Some(_) => Err(FieldError::new(
+            "features",
+            "not_an_object",
+            "features must be an object of name → value",
+        )),
+    };
+    let subject = match body.get("subject") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => check_subject(s).map(Some),
+        Some(_) => Err(FieldError::new(
+            "subject",
+            "not_a_string",
+            "subject must be a string",
+        )),
+    };
+    let priority = match body.get("priority") {
+        None | Some(Value::Null) => Ok(Priority::Routine),
+        Some(Value::String(p)) => Priority::parse(p).ok_or_else(|| {
+            FieldError::new(
+                "priority",
+                "not_allowed",
+                format!("priority {p:?} is not routine or stat"),
+            )
+        }),
+        Some(_) => Err(FieldError::new(
+            "priority",
+            "not_allowed",
+            "priority must be \"routine\" or \"stat\"",
+        )),
+    };
+    let (model, features, subject, priority) = match (model, features, subject, priority) {
+        (Ok(m), Ok(f), Ok(s), Ok(p)) if errors.is_empty() => (m, f, s, p),
+        (m, f, s, p) => {
+            errors.extend([m.err(), f.err(), s.err(), p.err()].into_iter().flatten());
+            return Err(ApiError::Validation(errors));
+        }
+    };
+    let valid = model
+        .manifest
+        .validate_features(features)
+        .map_err(ApiError::Validation)?;
+    let analysis = new_analysis(valid, subject, started.elapsed().as_secs_f64() * 1e3);
+    Ok(Prepared {
+        model,
+        priority,
+        batch_id: None,
+        analyses: vec![analysis],
+    })
+}
+
+/// Parses a CSV batch: all rows valid, or a 422 naming every bad row and column.
+fn prepare_csv(state: &AppState, params: &SubmitParams, bytes: &[u8]) -> ApiResult<Prepared> {
+    let started = Instant::now();
+    let model = match &params.model {
+        None => Err(FieldError::new(
+            "model",
+            "missing",
+            "a CSV batch needs ?model=<name>",
+        )),
+        Some(name) => find_model(state, name),
+    }
+    .map_err(|e| ApiError::Validation(vec![e]))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| ApiError::BadRequest(format!("the CSV header row is unreadable: {e}")))?
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let mut errors = Vec::new();
+    let mut valid_rows = Vec::new();
+    for (index, record) in reader.records().enumerate() {
+        let row = index + 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(FieldError::new(
+                    format!("rows[{row}]"),
+                    "unreadable",
+                    format!("row {row}: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mut features = Map::new();
+        let mut subject = None;
+        for (name, cell) in header.iter().zip(record.iter()) {
+            if name == SUBJECT_COLUMN {
+                subject = (!cell.is_empty()).then(|| cell.to_owned());
+            } else if !cell.is_empty() {
+                features.insert(
+                    name.clone(),
+                    cell_value(cell, model.manifest.is_categorical(name)),
+                );
+            }
+        }
+        let subject = match subject.as_deref().map(check_subject).transpose() {
+            Ok(s) => s.map(str::to_owned),
+            Err(e) => {
+                errors.push(row_error(row, e));
+                None
+            }
+        };
+        match model.manifest.validate_features(&features) {
+            Ok(valid) => valid_rows.push((valid, subject)),
+            Err(row_errors) => errors.extend(row_errors.into_iter().map(|e| row_error(row, e))),
+        }
+    }
+    if valid_rows.is_empty() && errors.is_empty() {
+        errors.push(FieldError::new(
+            "rows",
+            "empty",
+            "the CSV has a header but no data rows",
+        ));
+    }
+    if !errors.is_empty() {
+        errors.truncate(MAX_REPORTED_ERRORS);
+        return Err(ApiError::Validation(errors));
+    }
+    let per_row_ms = started.elapsed().as_secs_f64() * 1e3 / valid_rows.len() as f64;
+    let analyses = valid_rows
+        .into_iter()
+        .map(|(valid, subject)| new_analysis(valid, subject.as_deref(), per_row_ms))
+        .collect();
+    Ok(Prepared {
+        model,
+        priority: params.priority.unwrap_or_default(),
+        batch_id: Some(Uuid::now_v7()),
+        analyses,
+    })
+}
+
+/// A CSV cell as the JSON value a caller would have sent: a categorical level stays text; otherwise a
+/// number when it reads as a finite one, else the text (which the contract then refuses, by name).
+fn cell_value(cell: &str, categorical: bool) -> Value {
+    match cell.parse::<f64>() {
+        Ok(v) if v.is_finite() && !categorical => json!(v),
+        _ => Value::String(cell.to_owned()),
+    }
+}
+
+fn row_error(row: usize, e: FieldError) -> FieldError {
+    let column = e
+        .field
+        .strip_prefix("features.")
+        .unwrap_or(&e.field)
+        .to_owned();
+    FieldError::new(
+        format!("rows[{row}].{column}"),
+        e.rule,
+        format!("row {row}, column {column}: {}", e.message),
+    )
+}
+
+fn find_model(state: &AppState, name: &str) -> Result<Arc<LoadedModel>, FieldError> {
+    state.registry.get(name).ok_or_else(|| {
+        let known: Vec<&str> = state.registry.names().collect();
+        FieldError::new(
+            "model",
+            "unknown_model",
+            format!("no model {name:?}; available: {}", known.join(", ")),
+        )
+    })
+}
+
+fn check_subject(s: &str) -> Result<&str, FieldError> {
+    if s.chars().count() <= MAX_SUBJECT {
+        Ok(s)
+    } else {
+        Err(FieldError::new(
+            "subject",
+            "too_long",
+            format!("subject is longer than {MAX_SUBJECT} characters"),
+        ))
+    }
+}
+
+/// Stored in the model's input order, exactly as validated.
+fn new_analysis(valid: ValidFeatures, subject: Option<&str>, validate_ms: f64) -> NewAnalysis {
+    NewAnalysis {
+        id: AnalysisId::new(),
+        subject: subject.map(str::to_owned),
+        input: Value::Object(valid.canonical),
+        input_sha256: valid.digest,
+        validate_ms,
+    }
+}
