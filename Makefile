@@ -53,4 +53,4 @@ sqlx-prepare:
 # Retrain the bundled models (pinned requirements; reproduces the committed files).
 models:
 	python3 -m venv target/models-venv && target/models-venv/bin/pip install -q -r models/requirements.txt
-	target/models-venv/bin/python models/breast-fna-malignancy/train.py
+	target/models-venv/bin/python models/train_all.py

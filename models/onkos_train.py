@@ -67,6 +67,8 @@ class Categorical:
     description: str
     levels: list[str]  # the loader's own level strings, in the loader's order
     reference: str
+    # Where the loader codes levels as numbers, the codes (as strings) → level: onkos accepts both.
+    codes: dict[str, str] | None = None
     kind: str = field(default="categorical", init=False)
 
 
@@ -134,6 +136,7 @@ def input_manifest(df: pd.DataFrame, inputs: Sequence[Input]) -> list[dict]:
                     "levels": list(spec.levels),
                     "reference": spec.reference,
                     "training_counts": {lv: int(counts.get(lv, 0)) for lv in spec.levels},
+                    **({"codes": dict(spec.codes)} if spec.codes else {}),
                 }
             )
     return out

@@ -42,9 +42,10 @@ INPUTS = [
     Numeric("age", "years", "age", (0.0, 120.0), per="1 year", step=10, step_label="10 years"),
     Categorical(
         "sex",
-        "sex (the loader codes 1 = male, 2 = female; send the word)",
+        "sex (the loader codes 1 = male, 2 = female; either the code or the word is accepted)",
         ["male", "female"],
         "male",
+        codes={"1": "male", "2": "female"},
     ),
     Numeric(
         "ph_ecog", "1",
@@ -112,7 +113,7 @@ def main() -> None:
         ),
         inputs_text=(
             "The loader's columns with dots replaced by underscores (`ph.ecog` → `ph_ecog`). `sex` "
-            "is coded 1/2 by the loader; the service takes the words `male` and `female` instead. "
+            "is coded 1/2 by the loader; the service takes those codes or the words `male` and `female`. "
             "Only one patient in the cohort had ECOG 3 and none had 4, so predictions for ECOG ≥ 3 "
             "are extrapolations of the linear grade effect."
         ),

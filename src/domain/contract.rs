@@ -87,6 +87,10 @@ pub enum InputKind {
         reference: String,
         #[serde(default)]
         training_counts: BTreeMap<String, u32>,
+        /// Where the data set's loader codes the levels as numbers: code → level. Either is accepted;
+        /// the level is what is stored.
+        #[serde(default)]
+        codes: BTreeMap<String, String>,
     },
 }
 
@@ -407,8 +411,11 @@ fn check_value(
             });
             Ok((Value::from(v), flag))
         }
-        InputKind::Categorical { levels, .. } => match value {
+        InputKind::Categorical { levels, codes, .. } => match value {
             Value::String(s) if levels.contains(s) => Ok((value.clone(), None)),
+            Value::String(_) | Value::Number(_) if codes.contains_key(&code(value)) => {
+                Ok((Value::String(codes[&code(value)].clone()), None))
+            }
             other => Err((
                 "not_a_level",
                 format!(
@@ -421,6 +428,18 @@ fn check_value(
                 ),
             )),
         },
+    }
+}
+
+/// A level code as the manifest spells it: `1` and `1.0` are both "1".
+fn code(value: &Value) -> String {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => format!("{}", v as i64),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.trim().to_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -512,6 +531,21 @@ mod tests {
                 ("features.g".into(), "not_a_level")
             ]
         );
+    }
+
+    #[test]
+    fn a_loaders_numeric_level_codes_are_accepted_and_stored_as_levels() {
+        let mut m = manifest();
+        if let InputKind::Categorical { codes, .. } = &mut m.inputs[2].kind {
+            codes.insert("3".into(), "III".into());
+        }
+        let valid = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": 3})));
+        assert_eq!(
+            valid.map(|v| (v.canonical["g"].clone(), v.encoded[3])),
+            Ok((json!("III"), 1.0))
+        );
+        let unknown = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": 4})));
+        assert!(unknown.is_err());
     }
 
     #[test]

@@ -62,6 +62,14 @@ impl Worker {
         self.id
     }
 
+    /// A second worker with the same models and settings but its own identity (its own leases).
+    pub fn another(&self) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            ..self.clone()
+        }
+    }
+
     /// Claims what is runnable now (up to the batch size, one model), runs it and stores the
     /// outcomes. Returns how many jobs it finished or rescheduled.
     pub async fn step(&self) -> anyhow::Result<usize> {

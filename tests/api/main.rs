@@ -8,5 +8,6 @@ mod helpers;
 mod input_contract;
 mod models;
 mod openapi;
+mod queue;
 mod startup;
 mod tenancy;

@@ -1,0 +1,394 @@
+//! The Postgres queue: exclusive claims, leases, retries with backoff, dead letters, cancellation,
+//! idempotent submission and long polls. Time is moved by editing the queue's clocks, never by
+//! sleeping.
+
+use crate::helpers::{MODEL, TestApp, assert_problem, reference_rows, test_config};
+use onkos::app::Application;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+fn case() -> Value {
+    json!({"model": MODEL, "features": reference_rows()[0]["features"]})
+}
+
+async fn status(app: &TestApp, token: &str, id: &str) -> Value {
+    app.get(&format!("/v1/analyses/{id}"), token)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Makes every lease look expired, as if its worker had died a lease ago.
+async fn expire_leases(app: &TestApp) {
+    sqlx::query(
+        "update jobs set lease_expires_at = now() - interval '1 second' where state = 'running'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_workers_never_claim_the_same_job() {
+    let app = TestApp::spawn_with(|c| c.worker_batch_size = 7).await;
+    let token = app.token("oslo", "submitter");
+    for _ in 0..120 {
+        app.submit(&token, &case()["features"]).await;
+    }
+    let workers: Vec<_> = (0..4).map(|_| app.worker.another()).collect();
+    let mut claimed = Vec::new();
+    loop {
+        let rounds = futures_join(&workers).await;
+        if rounds.iter().all(Vec::is_empty) {
+            break;
+        }
+        for (worker, jobs) in workers.iter().zip(rounds) {
+            claimed.extend(jobs.iter().map(|j| j.analysis_id));
+            worker.process(jobs).await.unwrap();
+        }
+    }
+    let unique: HashSet<_> = claimed.iter().collect();
+    assert_eq!((claimed.len(), unique.len()), (120, 120));
+    assert_eq!(app.rows("results").await, 120);
+}
+
+async fn futures_join(
+    workers: &[onkos::jobs::worker::Worker],
+) -> Vec<Vec<onkos::repo::jobs::ClaimedJob>> {
+    let handles: Vec<_> = workers
+        .iter()
+        .cloned()
+        .map(|w| tokio::spawn(async move { w.claim().await.unwrap() }))
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_reclaimed_and_the_stale_worker_cannot_complete_it() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let (dead, alive) = (app.worker.another(), app.worker.another());
+    let stale = dead.claim().await.unwrap();
+    assert_eq!(stale.len(), 1);
+    assert!(
+        alive.claim().await.unwrap().is_empty(),
+        "a leased job is not claimable"
+    );
+    expire_leases(&app).await;
+    let reclaimed = alive.claim().await.unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].attempts, 2);
+    assert_eq!(alive.process(reclaimed).await.unwrap(), 1);
+    assert_eq!(
+        dead.process(stale).await.unwrap(),
+        0,
+        "the first worker lost its lease"
+    );
+    assert_eq!(status(&app, &token, &id).await["status"], "succeeded");
+    assert_eq!(app.rows("results").await, 1);
+}
+
+#[tokio::test]
+async fn a_heartbeat_keeps_a_lease_alive() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    app.submit(&token, &case()["features"]).await;
+    let worker = app.worker.another();
+    let jobs = worker.claim().await.unwrap();
+    sqlx::query("update jobs set lease_expires_at = now() + interval '1 second'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let held = [(jobs[0].analysis_id, jobs[0].attempts)];
+    assert_eq!(
+        onkos::repo::jobs::heartbeat(&app.pool, worker.id(), &held, 600.0)
+            .await
+            .unwrap(),
+        1
+    );
+    let left: f64 =
+        sqlx::query_scalar("select extract(epoch from lease_expires_at - now())::float8 from jobs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(left > 500.0, "lease extended to {left} s");
+    let other = app.worker.another();
+    assert_eq!(
+        onkos::repo::jobs::heartbeat(&app.pool, other.id(), &held, 600.0)
+            .await
+            .unwrap(),
+        0,
+        "only the holder extends it"
+    );
+}
+
+/// A worker that has only the gradient-boosting model: jobs for the logistic one fail transiently there.
+async fn worker_without_the_model(app: &TestApp) -> onkos::jobs::worker::Worker {
+    let models = tempfile::tempdir().unwrap().keep();
+    let from = crate::helpers::repo_path("models/breast-fna-malignancy-gb");
+    std::fs::create_dir_all(models.join("gb")).unwrap();
+    for file in ["manifest.json", "model.onnx"] {
+        std::fs::copy(from.join(file), models.join("gb").join(file)).unwrap();
+    }
+    let mut config = test_config(&tempfile::tempdir().unwrap().keep());
+    config.models_dir = models;
+    config.worker_max_attempts = app.config.worker_max_attempts;
+    config.worker_retry_base_ms = app.config.worker_retry_base_ms;
+    Application::with_pool(config, app.pool.clone())
+        .await
+        .unwrap()
+        .worker()
+}
+
+#[tokio::test]
+async fn a_failing_job_is_retried_with_growing_backoff_then_fails_with_the_reason() {
+    let app = TestApp::spawn_with(|c| {
+        c.worker_max_attempts = 3;
+        c.worker_retry_base_ms = 10_000;
+    })
+    .await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let worker = worker_without_the_model(&app).await;
+    for (attempt, base_secs) in [(1, 10.0), (2, 20.0)] {
+        assert_eq!(worker.step().await.unwrap(), 1);
+        let (state, delay, error): (String, f64, Option<String>) = sqlx::query_as(
+            "select state, extract(epoch from run_after - now())::float8, last_error from jobs",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(state, "queued", "attempt {attempt} is retried");
+        assert!(
+            delay > base_secs * 0.5 - 1.0 && delay <= base_secs,
+            "attempt {attempt}: backoff {delay} s"
+        );
+        assert!(error.unwrap().contains("not loaded"));
+        assert_eq!(status(&app, &token, &id).await["status"], "queued");
+        assert_eq!(
+            worker.step().await.unwrap(),
+            0,
+            "not before the backoff has passed"
+        );
+        sqlx::query("update jobs set run_after = now()")
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(worker.step().await.unwrap(), 1);
+    let failed = status(&app, &token, &id).await;
+    assert_eq!(failed["status"], "failed");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("not loaded") && error.contains("3 attempts"),
+        "{error}"
+    );
+    assert_eq!(app.rows("results").await, 0);
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_dies_on_every_attempt_is_dead_lettered() {
+    let app = TestApp::spawn_with(|c| c.worker_max_attempts = 2).await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    for _ in 0..2 {
+        assert_eq!(app.worker.another().claim().await.unwrap().len(), 1);
+        expire_leases(&app).await;
+    }
+    assert!(app.worker.claim().await.unwrap().is_empty());
+    let failed = status(&app, &token, &id).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped responding"),
+        "{failed}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_queued_analysis_is_never_run() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let url = format!("{}/v1/analyses/{id}", app.base);
+    let cancelled: Value = app
+        .client
+        .delete(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(app.step().await, 0);
+    assert_eq!(status(&app, &token, &id).await["status"], "cancelled");
+    let again = app
+        .client
+        .delete(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "cancelling twice is harmless");
+    assert_eq!(app.rows("results").await, 0);
+}
+
+#[tokio::test]
+async fn a_cancelled_running_analysis_is_never_completed() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let claimed = app.worker.claim().await.unwrap();
+    assert_eq!(status(&app, &token, &id).await["status"], "running");
+    let url = format!("{}/v1/analyses/{id}", app.base);
+    assert_eq!(
+        app.client
+            .delete(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(app.worker.process(claimed).await.unwrap(), 0);
+    assert_eq!(status(&app, &token, &id).await["status"], "cancelled");
+    assert_eq!(app.rows("results").await, 0);
+}
+
+#[tokio::test]
+async fn a_finished_analysis_cannot_be_cancelled_and_clinicians_cannot_cancel() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let url = format!("{}/v1/analyses/{id}", app.base);
+    let clinician = app.token("oslo", "clinician");
+    assert_problem(
+        app.client
+            .delete(&url)
+            .bearer_auth(&clinician)
+            .send()
+            .await
+            .unwrap(),
+        403,
+    )
+    .await;
+    app.step().await;
+    assert_problem(
+        app.client
+            .delete(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+        409,
+    )
+    .await;
+    let bergen = app.token("bergen", "submitter");
+    assert_problem(
+        app.client
+            .delete(&url)
+            .bearer_auth(&bergen)
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_returns_the_first_answer_and_a_reused_key_conflicts() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let post = |body: Value, key: &'static str| {
+        let request = app
+            .client
+            .post(format!("{}/v1/analyses", app.base))
+            .bearer_auth(&token)
+            .header("idempotency-key", key)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+    let first = post(case(), "order-17").await;
+    assert_eq!(first.status(), 202);
+    let location = first.headers()["location"].clone();
+    let first: Value = first.json().await.unwrap();
+    let retry = post(case(), "order-17").await;
+    assert_eq!(retry.status(), 202);
+    assert_eq!(retry.headers()["location"], location);
+    assert_eq!(retry.json::<Value>().await.unwrap(), first);
+    assert_eq!(app.rows("analyses").await, 1);
+    let mut other = case();
+    other["priority"] = json!("stat");
+    let problem = assert_problem(post(other, "order-17").await, 409).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key")
+    );
+    assert_eq!(app.rows("analyses").await, 1);
+    let bergen = app.token("bergen", "submitter");
+    let elsewhere = app
+        .client
+        .post(format!("{}/v1/analyses", app.base))
+        .bearer_auth(&bergen)
+        .header("idempotency-key", "order-17")
+        .json(&case())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 202, "keys are per tenant");
+    assert_eq!(app.rows("analyses").await, 2);
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_when_the_result_is_stored() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let started = Instant::now();
+    let poll = {
+        let request = app
+            .client
+            .get(format!("{}/v1/analyses/{id}?wait=20s", app.base))
+            .bearer_auth(&token);
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    assert_eq!(app.step().await, 1);
+    let answer = poll.await.unwrap();
+    assert_eq!(answer["status"], "succeeded");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered on completion, not at the deadline"
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_ends_at_its_deadline_with_the_current_state() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &case()["features"]).await;
+    let started = Instant::now();
+    let answer = status(&app, &token, &format!("{id}?wait=300ms")).await;
+    assert_eq!(answer["status"], "queued");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_problem(
+        app.get(&format!("/v1/analyses/{id}?wait=soon"), &token)
+            .await,
+        400,
+    )
+    .await;
+}
