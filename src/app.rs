@@ -7,6 +7,7 @@ use crate::inference::SessionOptions;
 use crate::jobs::completions::Completions;
 use crate::jobs::worker::Worker;
 use crate::registry::Registry;
+use crate::storage::BlobStore;
 use anyhow::Context;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -69,11 +70,9 @@ impl Application {
             try_cuda: config.execution_provider == "auto",
             threads: config.inference_threads,
         };
-        let models_dir = config.models_dir.clone();
+        let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
         let registry =
-            tokio::task::spawn_blocking(move || Registry::load_dir(&models_dir, &options))
-                .await??;
-        let registry = Arc::new(registry);
+            Arc::new(Registry::open(pool.clone(), blobs, options, &config.models_dir).await?);
         tracing::info!(provider = registry.provider(), "execution provider");
         let verifier = Verifier::from_config(&config)?;
         let listener = TcpListener::bind(config.listen_addr())

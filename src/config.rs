@@ -33,6 +33,8 @@ pub struct Config {
     pub auth_jwks_min_refresh_secs: u64,
     pub request_timeout_secs: u64,
     pub body_limit_bytes: usize,
+    /// Largest model upload (`POST /v1/models`, multipart).
+    pub model_upload_limit_bytes: usize,
     pub models_dir: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.x`).
     pub ort_dylib_path: Option<PathBuf>,
@@ -85,6 +87,7 @@ impl Default for Config {
             auth_jwks_min_refresh_secs: 10,
             request_timeout_secs: 60,
             body_limit_bytes: 1024 * 1024,
+            model_upload_limit_bytes: 512 * 1024 * 1024,
             models_dir: "./models".into(),
             ort_dylib_path: None,
             execution_provider: "auto".into(),

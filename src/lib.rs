@@ -16,3 +16,4 @@ pub mod jobs;
 pub mod registry;
 pub mod repo;
 pub mod shutdown;
+pub mod storage;

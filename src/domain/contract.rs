@@ -366,6 +366,47 @@ impl Manifest {
             .collect()
     }
 
+    /// The input contract as a JSON Schema (2020-12) for integrators and form generators.
+    pub fn input_schema(&self) -> Value {
+        let properties: Map<String, Value> = self
+            .inputs
+            .iter()
+            .map(|input| {
+                let schema = match &input.kind {
+                    InputKind::Numeric { unit, physical_range, training_range } => {
+                        let mut s = serde_json::json!({
+                            "type": "number",
+                            "description": input.description,
+                            "x-unit": unit,
+                            "x-training-range": training_range,
+                        });
+                        if let Some(lo) = physical_range[0] {
+                            s["minimum"] = lo.into();
+                        }
+                        if let Some(hi) = physical_range[1] {
+                            s["maximum"] = hi.into();
+                        }
+                        s
+                    }
+                    InputKind::Categorical { levels, reference, codes, .. } => {
+                        let mut allowed: Vec<Value> = levels.iter().map(|l| Value::from(l.as_str())).collect();
+                        allowed.extend(codes.keys().map(|c| c.parse::<i64>().map_or_else(|_| Value::from(c.as_str()), Value::from)));
+                        serde_json::json!({"enum": allowed, "description": input.description, "x-reference-level": reference})
+                    }
+                };
+                (input.name.clone(), schema)
+            })
+            .collect();
+        serde_json::json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": format!("{} {} features", self.name, self.version),
+            "type": "object",
+            "additionalProperties": false,
+            "required": self.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            "properties": properties,
+        })
+    }
+
     pub fn is_categorical(&self, input: &str) -> bool {
         matches!(
             self.input(input).map(|i| &i.kind),

@@ -16,7 +16,8 @@ pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
     pub database: bool,
-    pub models: Vec<String>,
+    /// Model versions with a session in this process.
+    pub models_loaded: usize,
     /// The ONNX Runtime execution provider in use, e.g. `CPUExecutionProvider`.
     pub execution_provider: String,
 }
@@ -40,8 +41,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .fetch_one(&state.pool)
         .await
         .is_ok();
-    let models: Vec<String> = state.registry.names().map(str::to_owned).collect();
-    let ready = database && !models.is_empty();
+    let models_loaded = state.registry.loaded_count();
+    let ready = database && models_loaded > 0;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -52,7 +53,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         Json(Readiness {
             status: if ready { "ready" } else { "not_ready" }.into(),
             database,
-            models,
+            models_loaded,
             execution_provider: state.registry.provider().into(),
         }),
     )

@@ -4,6 +4,7 @@
 pub mod analyses;
 pub mod extract;
 pub mod health;
+pub mod models;
 pub mod openapi;
 
 use crate::app::AppState;
@@ -12,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Router, middleware};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -25,6 +26,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout();
     let body_limit = state.config.body_limit_bytes;
+    let model_limit = state.config.model_upload_limit_bytes;
     let api = Router::new()
         .route(
             "/v1/analyses",
@@ -33,6 +35,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/analyses/{id}",
             get(analyses::read::get).delete(analyses::cancel::cancel),
+        )
+        .route(
+            "/v1/models",
+            get(models::list)
+                .post(models::register)
+                .layer(DefaultBodyLimit::max(model_limit)),
+        )
+        .route("/v1/models/{name}", get(models::get))
+        .route("/v1/models/{name}/versions/{version}", get(models::version))
+        .route(
+            "/v1/models/{name}/versions/{version}/activate",
+            post(models::activate),
+        )
+        .route(
+            "/v1/models/{name}/versions/{version}/retire",
+            post(models::retire),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

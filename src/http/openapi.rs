@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers; served at `/openapi.json` and committed
 //! at `openapi/openapi.json` (a test keeps the two equal).
 
-use crate::http::{analyses, health};
+use crate::http::{analyses, health, models};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -19,6 +19,12 @@ use utoipa::{Modify, OpenApi};
         analyses::read::list,
         analyses::read::get,
         analyses::cancel::cancel,
+        models::list,
+        models::get,
+        models::version,
+        models::register,
+        models::activate,
+        models::retire,
         health::healthz,
         health::readyz
     ),
@@ -26,6 +32,7 @@ use utoipa::{Modify, OpenApi};
     modifiers(&BearerAuth),
     tags(
         (name = "analyses", description = "Submit analyses and read their results"),
+        (name = "models", description = "The model catalogue: cards, input contracts, versions"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -106,17 +106,22 @@ impl Worker {
         }
         let _heartbeat = self.heartbeat(&jobs);
         let mut finished = 0;
-        // Claims are per model; grouping again keeps this correct for any mix.
-        let mut groups: Vec<(String, Vec<ClaimedJob>)> = Vec::new();
+        // Claims are per model; a new version activated meanwhile can split one claim in two.
+        let mut groups: Vec<((String, String), Vec<ClaimedJob>)> = Vec::new();
         for job in jobs {
-            match groups.iter_mut().find(|(m, _)| *m == job.model_name) {
+            let key = (job.model_name.clone(), job.model_version.clone());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, group)) => group.push(job),
-                None => groups.push((job.model_name.clone(), vec![job])),
+                None => groups.push((key, vec![job])),
             }
         }
-        for (model, jobs) in groups {
-            let span = tracing::info_span!("batch", model = %model, size = jobs.len());
-            let attempts = self.run_batch(&model, &jobs).instrument(span).await;
+        for ((model, version), jobs) in groups {
+            let span =
+                tracing::info_span!("batch", model = %model, version = %version, size = jobs.len());
+            let attempts = self
+                .run_batch(&model, &version, &jobs)
+                .instrument(span)
+                .await;
             finished += self.store(&jobs, attempts).await?;
         }
         Ok(finished)
@@ -145,14 +150,15 @@ impl Worker {
         stop.drop_guard()
     }
 
-    async fn run_batch(&self, name: &str, jobs: &[ClaimedJob]) -> Vec<Attempt> {
-        let Some(model) = self.registry.get(name) else {
-            return vec![
-                Attempt::Transient(format!(
-                    "model {name} is not loaded in the worker that claimed it"
-                ));
-                jobs.len()
-            ];
+    async fn run_batch(&self, name: &str, version: &str, jobs: &[ClaimedJob]) -> Vec<Attempt> {
+        let model = match self.registry.version(name, version).await {
+            Ok(model) => model,
+            Err(e) => {
+                // The reason (paths, storage errors) goes to the log, not into the stored result.
+                tracing::error!(error = ?e, model = name, version, "model cannot be loaded");
+                let error = format!("model {name} {version} could not be loaded on the worker");
+                return vec![Attempt::Transient(error); jobs.len()];
+            }
         };
         // Inputs were checked on the way in; checking again costs microseconds and guards against
         // a stored row that predates a contract change.

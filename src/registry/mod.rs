@@ -1,91 +1,156 @@
-//! The bundled models: each folder under the models directory holds `manifest.json` and the ONNX
-//! file it names. The file's sha256 must match the manifest, or the model is not served.
+//! The model registry: versions live in Postgres (manifest, card, sha256, state) with the ONNX bytes
+//! in the blob store. Bundled models are imported at start-up, idempotently. Sessions are loaded on
+//! first use and cached per (name, version): a version is immutable, so a cached session is never
+//! stale.
+
+mod import;
+pub mod register;
 
 use crate::domain::contract::Manifest;
-use crate::inference::{OnnxModel, SessionOptions};
+use crate::domain::ids::TenantId;
+use crate::inference::{OnnxModel, Provider, SessionOptions};
+use crate::repo;
+use crate::repo::models::ModelRow;
+use crate::storage::BlobStore;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
-/// A model ready to serve: its contract and its session.
+/// A model version ready to serve: its contract and its session.
 #[derive(Debug)]
 pub struct LoadedModel {
     pub manifest: Manifest,
     pub onnx: OnnxModel,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
-    models: BTreeMap<String, Arc<LoadedModel>>,
+    pool: PgPool,
+    blobs: BlobStore,
+    options: SessionOptions,
+    loaded: RwLock<HashMap<(String, String), Arc<LoadedModel>>>,
+    provider: OnceLock<Provider>,
 }
 
 impl Registry {
-    /// Loads every model folder under `dir`. A model that fails its checks stops start-up: serving
-    /// a model whose bytes differ from its card would make every result untraceable.
-    pub fn load_dir(dir: &Path, options: &SessionOptions) -> anyhow::Result<Self> {
-        let mut models = BTreeMap::new();
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("ONKOS_MODELS_DIR: cannot read {}", dir.display()))?;
-        let mut folders: Vec<_> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("manifest.json").is_file())
-            .collect();
-        folders.sort();
-        for folder in folders {
-            let model = load_model(&folder, options)
-                .with_context(|| format!("model in {}", folder.display()))?;
-            tracing::info!(
-                model = %model.manifest.name,
-                version = %model.manifest.version,
-                sha256 = %model.manifest.onnx.sha256,
-                provider = model.onnx.provider,
-                "model loaded"
-            );
-            models.insert(model.manifest.name.clone(), Arc::new(model));
+    /// Opens the registry and imports the bundled models from `bundled` (each folder with
+    /// `manifest.json`, the ONNX file and `card.md`), loading each once so a broken one stops start-up.
+    pub async fn open(
+        pool: PgPool,
+        blobs: BlobStore,
+        options: SessionOptions,
+        bundled: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let registry = Self {
+            pool,
+            blobs,
+            options,
+            loaded: RwLock::default(),
+            provider: OnceLock::new(),
+        };
+        import::bundled(&registry, bundled).await?;
+        Ok(registry)
+    }
+
+    /// The version of `name` that new analyses of `tenant` use, if there is one.
+    pub async fn active(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> anyhow::Result<Option<Arc<LoadedModel>>> {
+        match repo::models::find_active(&self.pool, tenant, name).await? {
+            Some(row) => Ok(Some(self.load_row(row).await?)),
+            None => Ok(None),
         }
+    }
+
+    /// Exactly `version` of `name` — what a job recorded when it was submitted.
+    pub async fn version(&self, name: &str, version: &str) -> anyhow::Result<Arc<LoadedModel>> {
+        if let Some(model) = self.cached(name, version) {
+            return Ok(model);
+        }
+        let row = repo::models::find(&self.pool, name, version)
+            .await?
+            .with_context(|| format!("model {name} {version} is not registered"))?;
+        self.load_row(row).await
+    }
+
+    /// Names the tenant can use now (for error messages).
+    pub async fn active_names(&self, tenant: &TenantId) -> anyhow::Result<Vec<String>> {
+        let rows = repo::models::list_visible(&self.pool, tenant).await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r.state == "active")
+            .map(|r| r.name)
+            .collect())
+    }
+
+    /// The execution provider the sessions run on (CPU until a model is loaded).
+    pub fn provider(&self) -> Provider {
+        self.provider
+            .get()
+            .copied()
+            .unwrap_or(crate::inference::CPU)
+    }
+
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.read().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Caches a session built elsewhere (import, registration) so it is not built twice.
+    fn remember(&self, name: &str, version: &str, model: Arc<LoadedModel>) -> Arc<LoadedModel> {
+        match self.loaded.write() {
+            Ok(mut loaded) => Arc::clone(
+                loaded
+                    .entry((name.to_owned(), version.to_owned()))
+                    .or_insert(model),
+            ),
+            Err(_) => model,
+        }
+    }
+
+    fn cached(&self, name: &str, version: &str) -> Option<Arc<LoadedModel>> {
+        self.loaded
+            .read()
+            .ok()?
+            .get(&(name.to_owned(), version.to_owned()))
+            .cloned()
+    }
+
+    async fn load_row(&self, row: ModelRow) -> anyhow::Result<Arc<LoadedModel>> {
+        if let Some(model) = self.cached(&row.name, &row.version) {
+            return Ok(model);
+        }
+        let bytes = self.blobs.get(&row.blob_key).await?;
+        let digest = hex::encode(Sha256::digest(&bytes));
         anyhow::ensure!(
-            !models.is_empty(),
-            "ONKOS_MODELS_DIR: no model (folder with manifest.json) in {}",
-            dir.display()
+            digest == row.onnx_sha256,
+            "the stored ONNX bytes of {} {} have sha256 {digest}, not {}",
+            row.name,
+            row.version,
+            row.onnx_sha256
         );
-        Ok(Self { models })
+        let manifest: Manifest = serde_json::from_value(row.manifest).context("stored manifest")?;
+        let model = Arc::new(self.build(manifest, bytes).await?);
+        Ok(self.remember(&row.name, &row.version, model))
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        self.models.get(name).cloned()
+    /// Checks a manifest against its ONNX bytes and builds the session (on the blocking pool).
+    async fn build(&self, manifest: Manifest, bytes: bytes::Bytes) -> anyhow::Result<LoadedModel> {
+        manifest
+            .check()
+            .map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
+        let options = self.options.clone();
+        let model = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
+            let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), &options)?;
+            register::smoke_test(&manifest, &onnx)?;
+            Ok(LoadedModel { manifest, onnx })
+        })
+        .await??;
+        let _ = self.provider.set(model.onnx.provider);
+        tracing::info!(model = %model.manifest.name, version = %model.manifest.version, provider = model.onnx.provider, "model loaded");
+        Ok(model)
     }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.models.keys().map(String::as_str)
-    }
-
-    /// The execution provider of the loaded sessions (all share one choice per process).
-    pub fn provider(&self) -> &'static str {
-        self.models
-            .values()
-            .next()
-            .map_or(crate::inference::CPU, |m| m.onnx.provider)
-    }
-}
-
-fn load_model(folder: &Path, options: &SessionOptions) -> anyhow::Result<LoadedModel> {
-    let manifest: Manifest = serde_json::from_slice(&std::fs::read(folder.join("manifest.json"))?)
-        .context("manifest.json does not parse")?;
-    manifest
-        .check()
-        .map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
-    let bytes = std::fs::read(folder.join(&manifest.onnx.file))
-        .with_context(|| format!("cannot read {}", manifest.onnx.file))?;
-    let digest = hex::encode(Sha256::digest(&bytes));
-    anyhow::ensure!(
-        digest == manifest.onnx.sha256,
-        "{} has sha256 {digest}, but the manifest says {}",
-        manifest.onnx.file,
-        manifest.onnx.sha256
-    );
-    let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), options)?;
-    Ok(LoadedModel { manifest, onnx })
 }

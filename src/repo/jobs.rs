@@ -16,6 +16,7 @@ pub struct ClaimedJob {
     pub attempts: i32,
     pub max_attempts: i32,
     pub model_name: String,
+    pub model_version: String,
     pub input: Value,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -59,10 +60,11 @@ pub async fn claim(
                update analyses a
                set status = 'running', started_at = coalesce(a.started_at, now())
                from claimed where a.id = claimed.analysis_id
-               returning a.id, a.input, a.created_at, a.started_at
+               returning a.id, a.model_version, a.input, a.created_at, a.started_at
            )
            select c.analysis_id as "analysis_id!", c.tenant_id as "tenant_id!", c.attempts as "attempts!",
-                  c.max_attempts as "max_attempts!", c.model_name as "model_name!", s.input as "input!",
+                  c.max_attempts as "max_attempts!", c.model_name as "model_name!",
+                  s.model_version as "model_version!", s.input as "input!",
                   s.created_at as "created_at!", s.started_at
            from claimed c join started s on s.id = c.analysis_id"#,
         limit,

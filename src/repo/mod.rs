@@ -4,6 +4,7 @@ pub mod analyses;
 pub mod audit;
 pub mod idempotency;
 pub mod jobs;
+pub mod models;
 
 /// The channel the API notifies when it queues work; workers LISTEN on it.
 pub const JOBS_CHANNEL: &str = "onkos_jobs";

@@ -173,6 +173,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Submits a whole JSON request and returns the new analysis id.
+    pub async fn submit_to(&self, token: &str, body: &Value) -> String {
+        let response = self.post_json("/v1/analyses", token, body).await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// Submits `features` and returns the new analysis id.
     pub async fn submit(&self, token: &str, features: &Value) -> String {
         let response = self

@@ -9,5 +9,6 @@ mod input_contract;
 mod models;
 mod openapi;
 mod queue;
+mod registry;
 mod startup;
 mod tenancy;

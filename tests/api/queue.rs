@@ -129,7 +129,8 @@ async fn a_heartbeat_keeps_a_lease_alive() {
     );
 }
 
-/// A worker that has only the gradient-boosting model: jobs for the logistic one fail transiently there.
+/// A worker on another node whose blob store holds only the gradient-boosting model: loading the
+/// logistic one fails there (as if its object store were unreachable), a transient failure.
 async fn worker_without_the_model(app: &TestApp) -> onkos::jobs::worker::Worker {
     let models = tempfile::tempdir().unwrap().keep();
     let from = crate::helpers::repo_path("models/breast-fna-malignancy-gb");
@@ -170,7 +171,7 @@ async fn a_failing_job_is_retried_with_growing_backoff_then_fails_with_the_reaso
             delay > base_secs * 0.5 - 1.0 && delay <= base_secs,
             "attempt {attempt}: backoff {delay} s"
         );
-        assert!(error.unwrap().contains("not loaded"));
+        assert!(error.unwrap().contains("could not be loaded"));
         assert_eq!(status(&app, &token, &id).await["status"], "queued");
         assert_eq!(
             worker.step().await.unwrap(),
@@ -187,7 +188,7 @@ async fn a_failing_job_is_retried_with_growing_backoff_then_fails_with_the_reaso
     assert_eq!(failed["status"], "failed");
     let error = failed["error"].as_str().unwrap();
     assert!(
-        error.contains("not loaded") && error.contains("3 attempts"),
+        error.contains("could not be loaded") && error.contains("3 attempts"),
         "{error}"
     );
     assert_eq!(app.rows("results").await, 0);

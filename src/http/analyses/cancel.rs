@@ -63,5 +63,5 @@ pub async fn cancel(
     let record = repo::analyses::find(&state.pool, &principal.tenant, id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok(Json(view(&state, record)?))
+    Ok(Json(view(&state, record).await?))
 }

@@ -109,7 +109,7 @@ pub struct AnalysisPage {
     pub next_before: Option<AnalysisId>,
 }
 
-pub(crate) fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
+pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
     let result: Option<AnalysisResult> = r.result.map(serde_json::from_value).transpose()?;
     let timing = |key: &str| {
         r.timings
@@ -117,16 +117,17 @@ pub(crate) fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<Analys
             .and_then(|t| t.get(key))
             .and_then(Value::as_f64)
     };
-    let intended_use = result
-        .as_ref()
-        .map(|res| res.intended_use().to_owned())
-        .or_else(|| {
-            state
-                .registry
-                .get(&r.model_name)
-                .map(|m| m.manifest.intended_use.clone())
-        })
-        .unwrap_or_else(|| "Research use only, not a medical device.".into());
+    let intended_use = match &result {
+        Some(res) => res.intended_use().to_owned(),
+        None => match state
+            .registry
+            .version(&r.model_name, &r.model_version)
+            .await
+        {
+            Ok(model) => model.manifest.intended_use.clone(),
+            Err(_) => "Research use only, not a medical device.".into(),
+        },
+    };
     Ok(AnalysisView {
         id: AnalysisId(r.id),
         status: Status::parse(&r.status)

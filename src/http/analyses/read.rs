@@ -68,7 +68,7 @@ pub async fn get(
         &id.to_string(),
     )
     .await?;
-    Ok(Json(view(&state, record)?))
+    Ok(Json(view(&state, record).await?))
 }
 
 fn parse_wait(raw: &str) -> Result<Duration, ApiError> {

@@ -103,9 +103,20 @@ pub async fn create(
             if params.model.is_some() || params.priority.is_some() {
                 return Err(ApiError::BadRequest("model and priority go in the JSON body; the query parameters are for CSV batches".into()));
             }
-            prepare_json(&state, &json_object(&bytes)?)?
+            let body = json_object(&bytes)?;
+            let model = match body.get("model") {
+                Some(Value::String(name)) => Some(find_model(&state, &principal, name).await?),
+                _ => None,
+            };
+            prepare_json(&body, model)?
         }
-        BodyKind::Csv => prepare_csv(&state, &params, &bytes)?,
+        BodyKind::Csv => {
+            let model = match &params.model {
+                Some(name) => Some(find_model(&state, &principal, name).await?),
+                None => None,
+            };
+            prepare_csv(&params, model, &bytes)?
+        }
     };
     let (answer, location) = answer(&prepared);
     let manifest = &prepared.model.manifest;
@@ -210,7 +221,7 @@ fn answer(prepared: &Prepared) -> (Value, String) {
 }
 
 /// Checks the JSON envelope and the features, collecting every error.
-fn prepare_json(state: &AppState, body: &Map<String, Value>) -> ApiResult<Prepared> {
+fn prepare_json(body: &Map<String, Value>, model: Option<Resolved>) -> ApiResult<Prepared> {
     let started = Instant::now();
     let mut errors: Vec<FieldError> = body
         .keys()
@@ -225,7 +236,13 @@ fn prepare_json(state: &AppState, body: &Map<String, Value>) -> ApiResult<Prepar
         .collect();
     let model = match body.get("model") {
         None => Err(FieldError::new("model", "missing", "model is required")),
-        Some(Value::String(name)) => find_model(state, name),
+        Some(Value::String(_)) => model.unwrap_or_else(|| {
+            Err(FieldError::new(
+                "model",
+                "unknown_model",
+                "model could not be resolved",
+            ))
+        }),
         Some(_) => Err(FieldError::new(
             "model",
             "not_a_string",
@@ -290,7 +307,11 @@ fn prepare_json(state: &AppState, body: &Map<String, Value>) -> ApiResult<Prepar
 }
 
 /// Parses a CSV batch: all rows valid, or a 422 naming every bad row and column.
-fn prepare_csv(state: &AppState, params: &SubmitParams, bytes: &[u8]) -> ApiResult<Prepared> {
+fn prepare_csv(
+    params: &SubmitParams,
+    model: Option<Resolved>,
+    bytes: &[u8],
+) -> ApiResult<Prepared> {
     let started = Instant::now();
     let model = match &params.model {
         None => Err(FieldError::new(
@@ -298,7 +319,13 @@ fn prepare_csv(state: &AppState, params: &SubmitParams, bytes: &[u8]) -> ApiResu
             "missing",
             "a CSV batch needs ?model=<name>",
         )),
-        Some(name) => find_model(state, name),
+        Some(_) => model.unwrap_or_else(|| {
+            Err(FieldError::new(
+                "model",
+                "unknown_model",
+                "model could not be resolved",
+            ))
+        }),
     }
     .map_err(|e| ApiError::Validation(vec![e]))?;
     let mut reader = csv::ReaderBuilder::new()
@@ -395,15 +422,19 @@ fn row_error(row: usize, e: FieldError) -> FieldError {
     )
 }
 
-fn find_model(state: &AppState, name: &str) -> Result<Arc<LoadedModel>, FieldError> {
-    state.registry.get(name).ok_or_else(|| {
-        let known: Vec<&str> = state.registry.names().collect();
-        FieldError::new(
-            "model",
-            "unknown_model",
-            format!("no model {name:?}; available: {}", known.join(", ")),
-        )
-    })
+/// The model a submission names: its active version for this tenant, or a contract error.
+type Resolved = Result<Arc<LoadedModel>, FieldError>;
+
+async fn find_model(state: &AppState, principal: &Principal, name: &str) -> ApiResult<Resolved> {
+    if let Some(model) = state.registry.active(&principal.tenant, name).await? {
+        return Ok(Ok(model));
+    }
+    let known = state.registry.active_names(&principal.tenant).await?;
+    Ok(Err(FieldError::new(
+        "model",
+        "unknown_model",
+        format!("no active model {name:?}; available: {}", known.join(", ")),
+    )))
 }
 
 fn check_subject(s: &str) -> Result<&str, FieldError> {
