@@ -4,6 +4,7 @@
 
 mod analyses;
 mod auth;
+mod batches;
 mod helpers;
 mod input_contract;
 mod models;
