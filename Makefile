@@ -10,7 +10,7 @@ ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps postgres lint openapi sqlx-prepare models
+.PHONY: run test deps postgres lint openapi sqlx-prepare models bench
 
 run: deps
 	cargo run --release --locked -- serve
@@ -54,3 +54,9 @@ sqlx-prepare:
 models:
 	python3 -m venv target/models-venv && target/models-venv/bin/pip install -q -r models/requirements.txt
 	target/models-venv/bin/python models/train_all.py
+
+# Throughput benchmark (not a test): results go in BENCHMARKS.md.
+bench: deps
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends wrk; }
+	SQLX_OFFLINE=true cargo build --release --locked
+	tests/bench/run.sh

@@ -48,6 +48,16 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Measure ONNX Runtime's in-process throughput for a bundled model (rows per second), to
+    /// show how much of an analysis is inference.
+    BenchInference {
+        #[arg(long, default_value = "breast-fna-malignancy")]
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 #[tokio::main]
@@ -55,6 +65,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => print!("{}", onkos::http::openapi::document()),
+        Command::BenchInference {
+            model,
+            batch,
+            seconds,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let rate = onkos::inference::bench::bundled_throughput(
+                &config,
+                &model,
+                batch,
+                std::time::Duration::from_secs(seconds),
+            )?;
+            println!("{rate:.0}");
+        }
         Command::Token {
             tenant,
             roles,

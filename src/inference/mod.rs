@@ -4,6 +4,8 @@
 
 use crate::domain::contract::{InputType, OnnxOutputs, OnnxSpec};
 use crate::domain::result::ModelOutputs;
+pub mod bench;
+
 use anyhow::{Context, anyhow};
 use ort::environment::Environment;
 use ort::ep;

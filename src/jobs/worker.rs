@@ -8,7 +8,7 @@ use crate::domain::result::ModelOutputs;
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
 use crate::repo;
-use crate::repo::jobs::{ClaimedJob, Outcome};
+use crate::repo::jobs::{ClaimedJob, Outcome, Success};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -234,31 +234,41 @@ impl Worker {
     }
 
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
+    /// Successes (the common case) are stored set-wise; retries and failures one by one.
     async fn store(&self, jobs: &[ClaimedJob], attempts: Vec<Attempt>) -> anyhow::Result<usize> {
         let provider = self.registry.provider();
         let mut tx = self.pool.begin().await?;
-        let mut stored = 0;
+        let mut successes = Vec::new();
         let mut done = Vec::new();
-        for (job, attempt) in jobs.iter().zip(&attempts) {
-            let exhausted;
-            let outcome = match attempt {
-                Attempt::Done { result, timings } => Outcome::Succeeded {
-                    result,
-                    timings,
-                    execution_provider: provider,
-                },
-                Attempt::Permanent(error) => Outcome::Failed { error },
+        let mut stored = 0;
+        for (job, attempt) in jobs.iter().zip(attempts) {
+            let (outcome, exhausted);
+            match attempt {
+                Attempt::Done { result, timings } => {
+                    successes.push(Success {
+                        job,
+                        result,
+                        timings,
+                    });
+                    continue;
+                }
+                Attempt::Permanent(error) => {
+                    exhausted = error;
+                    outcome = Outcome::Failed { error: &exhausted };
+                }
                 Attempt::Transient(error) if self.retry.allows_another(job.attempts) => {
-                    Outcome::Retry {
-                        error,
-                        delay_secs: self.retry.delay(job.attempts, unit_random()).as_secs_f64(),
-                    }
+                    exhausted = error;
+                    let delay_secs = self.retry.delay(job.attempts, unit_random()).as_secs_f64();
+                    outcome = Outcome::Retry {
+                        error: &exhausted,
+                        delay_secs,
+                    };
                 }
                 Attempt::Transient(error) => {
                     exhausted = format!("{error} (gave up after {} attempts)", job.attempts);
-                    Outcome::Failed { error: &exhausted }
+                    outcome = Outcome::Failed { error: &exhausted };
                 }
-            };
+            }
             let terminal = !matches!(outcome, Outcome::Retry { .. });
             if repo::jobs::finish(&mut tx, job, self.id, outcome).await? {
                 stored += 1;
@@ -268,6 +278,18 @@ impl Worker {
             } else {
                 tracing::warn!(analysis = %job.analysis_id, "job cancelled or lease lost before its outcome was stored; discarded");
             }
+        }
+        if !successes.is_empty() {
+            let completed =
+                repo::jobs::complete_batch(&mut tx, self.id, &successes, provider).await?;
+            if completed.len() < successes.len() {
+                tracing::warn!(
+                    discarded = successes.len() - completed.len(),
+                    "jobs cancelled or leases lost before their results were stored"
+                );
+            }
+            stored += completed.len();
+            done.extend(completed);
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
         tx.commit().await?;

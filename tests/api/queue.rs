@@ -393,3 +393,29 @@ async fn a_long_poll_ends_at_its_deadline_with_the_current_state() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_submission_may_wait_for_its_result_like_a_synchronous_call() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let request = app
+        .client
+        .post(format!("{}/v1/analyses?wait=20s", app.base))
+        .bearer_auth(&token)
+        .json(&case());
+    let call = tokio::spawn(async move { request.send().await.unwrap() });
+    // Step until the submission (committed by the call in flight) has been run.
+    while app.step().await == 0 {
+        tokio::task::yield_now().await;
+    }
+    let response = call.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let analysis: Value = response.json().await.unwrap();
+    assert_eq!(analysis["status"], "succeeded");
+    assert!(analysis["result"]["predictions"].is_array());
+    assert_eq!(
+        app.rows("audit_events").await,
+        1,
+        "returning the result is a read"
+    );
+}

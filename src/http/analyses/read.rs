@@ -71,7 +71,7 @@ pub async fn get(
     Ok(Json(view(&state, record).await?))
 }
 
-fn parse_wait(raw: &str) -> Result<Duration, ApiError> {
+pub(crate) fn parse_wait(raw: &str) -> Result<Duration, ApiError> {
     raw.parse::<u64>()
         .map(Duration::from_secs)
         .or_else(|_| humantime::parse_duration(raw))
@@ -91,7 +91,7 @@ fn is_final(record: &AnalysisRecord) -> bool {
 
 /// Reads the analysis, and while it is not final and `wait` has not passed, reads it again each
 /// time a worker reports it done — or every second, in case a notification was missed.
-async fn wait_until_final(
+pub(crate) async fn wait_until_final(
     state: &AppState,
     principal: &Principal,
     id: AnalysisId,

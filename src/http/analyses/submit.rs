@@ -2,7 +2,8 @@
 //! checked against the model's contract before anything is stored; a retried request with the same
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
-use super::{AnalysisAccepted, BatchAccepted, CreateAnalysisRequest};
+use super::read::{parse_wait, wait_until_final};
+use super::{AnalysisAccepted, AnalysisView, BatchAccepted, CreateAnalysisRequest, view};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
@@ -40,6 +41,9 @@ pub struct SubmitParams {
     pub model: Option<String>,
     /// CSV batches only: the priority of every row (default routine).
     pub priority: Option<Priority>,
+    /// JSON only: wait up to this long (e.g. `10s`) for the result and answer 200 with the finished
+    /// analysis, as a synchronous call would; 202 as usual if it is not final by then.
+    pub wait: Option<String>,
 }
 
 /// Analyses ready to store.
@@ -68,6 +72,7 @@ struct Prepared {
     )),
     security(("bearer" = [])),
     responses(
+        (status = 200, description = "With `wait`: the finished analysis", body = AnalysisView),
         (status = 202, description = "Queued: one analysis (JSON) or a batch (CSV)", body = AnalysisAccepted,
             headers(("Location" = String, description = "The analysis (/v1/analyses/{id}) or the batch (/v1/analyses?batch={id})"))),
         (status = 400, description = "The body is not a JSON object or readable CSV, or a query parameter is wrong", body = Problem, content_type = "application/problem+json"),
@@ -91,6 +96,17 @@ pub async fn create(
     let kind = body_kind(&headers)?;
     let bytes = body_bytes(body)?;
     let key = idempotency_key(&headers)?;
+    let wait = params
+        .wait
+        .as_deref()
+        .map(parse_wait)
+        .transpose()?
+        .map(|w| w.min(state.config.max_wait()));
+    if wait.is_some() && kind == BodyKind::Csv {
+        return Err(ApiError::BadRequest(
+            "wait applies to one JSON analysis, not to a CSV batch".into(),
+        ));
+    }
     let request_sha256 = request_digest(kind, &params, &bytes);
     if let Some(key) = &key
         && let Some(stored) = repo::idempotency::find(&state.pool, &principal.tenant, key).await?
@@ -151,7 +167,30 @@ pub async fn create(
         return replay(stored, &request_sha256);
     }
     tx.commit().await?;
-    tracing::info!(model = %manifest.name, tenant = %principal.tenant, count = prepared.analyses.len(), "analyses queued");
+    tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count = prepared.analyses.len(), "analyses queued");
+    if let (Some(wait), None) = (wait, prepared.batch_id) {
+        let id = prepared.analyses[0].id;
+        let record = wait_until_final(&state, &principal, id, wait).await?;
+        if !matches!(
+            Status::parse(&record.status),
+            Some(Status::Queued | Status::Running)
+        ) {
+            repo::audit::record(
+                &state.pool,
+                &principal.tenant,
+                &principal.subject,
+                "analysis.read",
+                "analysis",
+                &id.to_string(),
+            )
+            .await?;
+            let mut response = (StatusCode::OK, Json(view(&state, record).await?)).into_response();
+            if let Ok(value) = location.parse() {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            return Ok(response);
+        }
+    }
     Ok(accepted(answer, &location))
 }
 

@@ -1,0 +1,26 @@
+-- wrk script: authenticated single-case submissions that wait for their result (POST ?wait=).
+-- BENCH_TOKEN and BENCH_BODY (a file) come from tests/bench/run.sh.
+local token = os.getenv("BENCH_TOKEN")
+local file = assert(io.open(os.getenv("BENCH_BODY"), "r"))
+local body = file:read("*a")
+file:close()
+
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. token
+
+local finished, other = 0, 0
+
+function response(status, headers, body)
+  -- 200 = the analysis finished within the wait and its result came back.
+  if status == 200 then finished = finished + 1 else other = other + 1 end
+end
+
+function done(summary, latency, requests)
+  local seconds = summary.duration / 1e6
+  io.write(string.format("RESULT completed_per_s=%.1f p50_ms=%.2f p99_ms=%.2f requests=%d non_2xx=%d socket_errors=%d\n",
+    summary.requests / seconds, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
