@@ -157,7 +157,7 @@ async fn listings_filter_by_status_model_and_subject() {
             .json()
             .await
             .unwrap()),
-        [first.clone()]
+        [first.as_str()]
     );
     assert_eq!(
         ids(app
@@ -166,7 +166,7 @@ async fn listings_filter_by_status_model_and_subject() {
             .json()
             .await
             .unwrap()),
-        [second.clone()]
+        [second.as_str()]
     );
     assert_eq!(
         ids(app
@@ -175,7 +175,7 @@ async fn listings_filter_by_status_model_and_subject() {
             .json()
             .await
             .unwrap()),
-        [first.clone()]
+        [first.as_str()]
     );
     assert_eq!(
         ids(app
@@ -184,7 +184,7 @@ async fn listings_filter_by_status_model_and_subject() {
             .json()
             .await
             .unwrap()),
-        [second, first]
+        [second.as_str(), first.as_str()]
     );
     assert!(
         ids(app
