@@ -326,6 +326,7 @@ pub async fn activate(
     )
     .await?;
     tx.commit().await?;
+    state.registry.forget_active();
     changed(&state, &principal, &name, &version).await
 }
 
@@ -345,6 +346,7 @@ pub async fn retire(
 ) -> ApiResult<Json<ModelDetail>> {
     own_version(&state, &principal, &name, &version).await?;
     repo::models::retire(&state.pool, &name, &version).await?;
+    state.registry.forget_active();
     repo::audit::record(
         &state.pool,
         &principal.tenant,

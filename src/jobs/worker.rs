@@ -43,7 +43,10 @@ pub struct Worker {
     batch_wait: Duration,
     lease: Duration,
     retry: RetryPolicy,
+    last_reap: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Worker {
     pub fn new(pool: PgPool, registry: Arc<Registry>, config: &Config) -> Self {
@@ -55,6 +58,7 @@ impl Worker {
             batch_wait: Duration::from_millis(config.worker_batch_wait_ms),
             lease: Duration::from_secs(u64::from(config.worker_lease_secs)),
             retry: config.retry_policy(),
+            last_reap: Arc::default(),
         }
     }
 
@@ -66,6 +70,7 @@ impl Worker {
     pub fn another(&self) -> Self {
         Self {
             id: Uuid::now_v7(),
+            last_reap: Arc::default(),
             ..self.clone()
         }
     }
@@ -80,11 +85,13 @@ impl Worker {
     /// Fails jobs whose worker died on every attempt, then claims a batch. When the batch is not
     /// full and a batch wait is configured, waits once for more jobs of the same model.
     pub async fn claim(&self) -> anyhow::Result<Vec<ClaimedJob>> {
-        let mut tx = self.pool.begin().await?;
-        let reaped = repo::jobs::reap_exhausted(&mut tx).await?;
-        tx.commit().await?;
-        if reaped > 0 {
-            tracing::warn!(reaped, "failed analyses whose worker died on every attempt");
+        if self.reap_due() {
+            let mut tx = self.pool.begin().await?;
+            let reaped = repo::jobs::reap_exhausted(&mut tx).await?;
+            tx.commit().await?;
+            if reaped > 0 {
+                tracing::warn!(reaped, "failed analyses whose worker died on every attempt");
+            }
         }
         let lease = self.lease.as_secs_f64();
         let mut jobs = repo::jobs::claim(&self.pool, self.id, self.batch_size, lease, None).await?;
@@ -97,6 +104,19 @@ impl Worker {
             );
         }
         Ok(jobs)
+    }
+
+    /// Looking for dead-lettered jobs once a second is plenty; doing it on every step under load
+    /// would cost a transaction per batch.
+    fn reap_due(&self) -> bool {
+        let Ok(mut last) = self.last_reap.lock() else {
+            return true;
+        };
+        let due = last.is_none_or(|t| t.elapsed() >= REAP_INTERVAL);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// Runs claimed jobs and stores their outcomes; the lease is extended while this runs.

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 /// A model version ready to serve: its contract and its session.
 #[derive(Debug)]
@@ -31,8 +32,19 @@ pub struct Registry {
     blobs: BlobStore,
     options: SessionOptions,
     loaded: RwLock<HashMap<(String, String), Arc<LoadedModel>>>,
+    /// (tenant, name) → active version, looked up at most every `ACTIVE_TTL`: a submission should
+    /// not cost a registry query. Changes made through this process clear it at once; other
+    /// processes see them within the TTL.
+    active: RwLock<HashMap<(String, String), ActiveEntry>>,
     provider: OnceLock<Provider>,
 }
+
+/// When the active version was looked up, and what it was (`None`: no active version).
+type ActiveEntry = (Instant, Option<String>);
+
+const ACTIVE_TTL: Duration = Duration::from_secs(2);
+/// Unknown names are cached too; a flood of them must not grow the map without bound.
+const ACTIVE_CACHE_LIMIT: usize = 10_000;
 
 impl Registry {
     /// Opens the registry and imports the bundled models from `bundled` (each folder with
@@ -48,6 +60,7 @@ impl Registry {
             blobs,
             options,
             loaded: RwLock::default(),
+            active: RwLock::default(),
             provider: OnceLock::new(),
         };
         import::bundled(&registry, bundled).await?;
@@ -60,9 +73,38 @@ impl Registry {
         tenant: &TenantId,
         name: &str,
     ) -> anyhow::Result<Option<Arc<LoadedModel>>> {
-        match repo::models::find_active(&self.pool, tenant, name).await? {
+        let key = (tenant.as_str().to_owned(), name.to_owned());
+        let fresh = self.active.read().ok().and_then(|a| {
+            a.get(&key)
+                .filter(|(at, _)| at.elapsed() < ACTIVE_TTL)
+                .map(|(_, v)| v.clone())
+        });
+        if let Some(version) = fresh {
+            return match version {
+                Some(version) => Ok(Some(self.version(name, &version).await?)),
+                None => Ok(None),
+            };
+        }
+        let row = repo::models::find_active(&self.pool, tenant, name).await?;
+        if let Ok(mut active) = self.active.write() {
+            if active.len() >= ACTIVE_CACHE_LIMIT {
+                active.clear();
+            }
+            active.insert(
+                key,
+                (Instant::now(), row.as_ref().map(|r| r.version.clone())),
+            );
+        }
+        match row {
             Some(row) => Ok(Some(self.load_row(row).await?)),
             None => Ok(None),
+        }
+    }
+
+    /// Forgets which versions are active, after this process registered, activated or retired one.
+    pub fn forget_active(&self) {
+        if let Ok(mut active) = self.active.write() {
+            active.clear();
         }
     }
 

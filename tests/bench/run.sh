@@ -15,7 +15,7 @@ DURATION=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-64}
 PORT=${BENCH_PORT:-18080}
 BIN=target/release/onkos
-PGBIN=$(dirname "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")
+PGBIN=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
 
 DATA=$(mktemp -d /tmp/onkos-bench.XXXXXX)

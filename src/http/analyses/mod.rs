@@ -82,8 +82,9 @@ pub struct AnalysisView {
     pub timings: Timings,
     /// ONNX Runtime execution provider that ran the model.
     pub execution_provider: Option<String>,
-    /// Present when `status` is `succeeded`.
-    pub result: Option<AnalysisResult>,
+    /// Present when `status` is `succeeded`: the versioned result document (classification or survival).
+    #[schema(value_type = Option<AnalysisResult>)]
+    pub result: Option<Value>,
     /// Present when `status` is `failed`: what went wrong, for a person to read.
     pub error: Option<String>,
     pub intended_use: String,
@@ -110,15 +111,21 @@ pub struct AnalysisPage {
 }
 
 pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
-    let result: Option<AnalysisResult> = r.result.map(serde_json::from_value).transpose()?;
+    // Passed through as stored: it was built from the typed result, and re-parsing it on every read
+    // would cost more than the rest of the read.
+    let result = r.result;
     let timing = |key: &str| {
         r.timings
             .as_ref()
             .and_then(|t| t.get(key))
             .and_then(Value::as_f64)
     };
-    let intended_use = match &result {
-        Some(res) => res.intended_use().to_owned(),
+    let stored_use = result
+        .as_ref()
+        .and_then(|r| r.get("intended_use"))
+        .and_then(Value::as_str);
+    let intended_use = match stored_use {
+        Some(text) => text.to_owned(),
         None => match state
             .registry
             .version(&r.model_name, &r.model_version)
