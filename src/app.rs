@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::inference::SessionOptions;
 use crate::jobs::completions::Completions;
+use crate::jobs::intake::Intake;
 use crate::jobs::worker::Worker;
 use crate::registry::Registry;
 use crate::storage::BlobStore;
@@ -26,6 +27,8 @@ pub struct App {
     pub verifier: Verifier,
     /// Fans out "analysis final" notifications to long polls.
     pub completions: Completions,
+    /// Group commit for submissions.
+    pub intake: Intake,
 }
 
 impl App {
@@ -80,12 +83,14 @@ impl Application {
             .with_context(|| format!("ONKOS_LISTEN: cannot listen on {}", config.listen))?;
         let worker = Worker::new(pool.clone(), Arc::clone(&registry), &config);
         let completions = Completions::default();
+        let intake = Intake::start(pool.clone());
         let state = AppState(Arc::new(App {
             config,
             pool,
             registry,
             verifier,
             completions,
+            intake,
         }));
         Ok(Self {
             listener,

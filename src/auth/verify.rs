@@ -30,6 +30,7 @@ pub struct Claims {
 #[derive(Debug, Deserialize)]
 struct RawClaims {
     sub: String,
+    exp: u64,
     tenant: String,
     #[serde(default)]
     roles: Vec<String>,
@@ -57,7 +58,13 @@ enum Keys {
 pub struct Verifier {
     validation: Validation,
     keys: Keys,
+    /// Tokens already verified, until they expire: a pipeline sends the same token thousands of
+    /// times, and a signature check costs more than the rest of a request's authentication.
+    verified: std::sync::RwLock<HashMap<String, (Principal, u64)>>,
 }
+
+/// A flood of distinct tokens must not grow the cache without bound.
+const VERIFIED_CACHE_LIMIT: usize = 10_000;
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,10 +132,29 @@ impl Verifier {
                 key: DecodingKey::from_ed_pem(dev.public_pem.as_bytes())?,
             }
         };
-        Ok(Self { validation, keys })
+        Ok(Self {
+            validation,
+            keys,
+            verified: std::sync::RwLock::default(),
+        })
     }
 
     pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let cached = self
+            .verified
+            .read()
+            .ok()
+            .and_then(|v| v.get(token).cloned());
+        if let Some((principal, exp)) = cached
+            && now < exp
+        {
+            return Ok(principal);
+        }
+        self.verify_signed(token).await
+    }
+
+    async fn verify_signed(&self, token: &str) -> Result<Principal, ApiError> {
         let reject = |why: String| ApiError::Unauthorized(why);
         let header =
             decode_header(token).map_err(|e| reject(format!("unreadable token header: {e}")))?;
@@ -155,11 +181,18 @@ impl Verifier {
         .map_err(|e| reject(format!("invalid token: {e}")))?
         .claims;
         let tenant = TenantId::parse(&claims.tenant).map_err(reject)?;
-        Ok(Principal {
+        let principal = Principal {
             subject: claims.sub,
             tenant,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
-        })
+        };
+        if let Ok(mut verified) = self.verified.write() {
+            if verified.len() >= VERIFIED_CACHE_LIMIT {
+                verified.clear();
+            }
+            verified.insert(token.to_owned(), (principal.clone(), claims.exp));
+        }
+        Ok(principal)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Background work: the worker that claims queued analyses, runs them and stores their results.
 
 pub mod completions;
+pub mod intake;
 pub mod retry;
 pub mod worker;

@@ -18,59 +18,70 @@ pub struct NewAnalysis {
 }
 
 /// What all analyses of one submission share.
-#[derive(Debug)]
-pub struct Submission<'a> {
-    pub tenant: &'a TenantId,
-    pub submitted_by: &'a str,
-    pub model_name: &'a str,
-    pub model_version: &'a str,
-    pub model_sha256: &'a str,
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub tenant: TenantId,
+    pub submitted_by: String,
+    pub model_name: String,
+    pub model_version: String,
+    pub model_sha256: String,
     pub priority: Priority,
     pub batch_id: Option<Uuid>,
     pub max_attempts: i32,
 }
 
-/// Writes the analyses and their jobs inside the caller's transaction and wakes the workers at
-/// commit: either every row exists and a worker will see it, or none does.
+/// Writes the analyses of one or more submissions and their jobs inside the caller's transaction,
+/// with one statement per table, and wakes the workers at commit: either every row exists and a
+/// worker will see it, or none does.
 pub async fn insert_with_jobs(
     tx: &mut PgConnection,
-    submission: &Submission<'_>,
-    analyses: &[NewAnalysis],
+    groups: &[(&Submission, &[NewAnalysis])],
 ) -> sqlx::Result<()> {
-    let ids: Vec<Uuid> = analyses.iter().map(|a| a.id.0).collect();
-    let subjects: Vec<Option<String>> = analyses.iter().map(|a| a.subject.clone()).collect();
-    let inputs: Vec<Value> = analyses.iter().map(|a| a.input.clone()).collect();
-    let digests: Vec<String> = analyses.iter().map(|a| a.input_sha256.clone()).collect();
-    let validate_ms: Vec<f64> = analyses.iter().map(|a| a.validate_ms).collect();
+    let rows: Vec<(&Submission, &NewAnalysis)> = groups
+        .iter()
+        .flat_map(|(s, analyses)| analyses.iter().map(move |a| (*s, a)))
+        .collect();
+    let column = |f: &dyn Fn(&Submission, &NewAnalysis) -> String| {
+        rows.iter().map(|(s, a)| f(s, a)).collect::<Vec<String>>()
+    };
+    let ids: Vec<Uuid> = rows.iter().map(|(_, a)| a.id.0).collect();
+    let tenants = column(&|s, _| s.tenant.as_str().to_owned());
+    let models = column(&|s, _| s.model_name.clone());
+    let priorities = column(&|s, _| s.priority.as_str().to_owned());
+    let subjects: Vec<Option<String>> = rows.iter().map(|(_, a)| a.subject.clone()).collect();
+    let batches: Vec<Option<Uuid>> = rows.iter().map(|(s, _)| s.batch_id).collect();
+    let ranks: Vec<i16> = rows.iter().map(|(s, _)| s.priority.queue_rank()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|(s, _)| s.max_attempts).collect();
+    let inputs: Vec<Value> = rows.iter().map(|(_, a)| a.input.clone()).collect();
+    let validate_ms: Vec<f64> = rows.iter().map(|(_, a)| a.validate_ms).collect();
     sqlx::query!(
         "insert into analyses (id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
                                priority, input, input_sha256, validate_ms, batch_id)
-         select id, $2, $3, subject, $4, $5, $6, $7, input, input_sha256, validate_ms, $8
-         from unnest($1::uuid[], $9::text[], $10::jsonb[], $11::text[], $12::float8[])
-              as t(id, subject, input, input_sha256, validate_ms)",
+         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                              $8::text[], $9::jsonb[], $10::text[], $11::float8[], $12::uuid[])",
         &ids,
-        submission.tenant.as_str(),
-        submission.submitted_by,
-        submission.model_name,
-        submission.model_version,
-        submission.model_sha256,
-        submission.priority.as_str(),
-        submission.batch_id,
+        &tenants,
+        &column(&|s, _| s.submitted_by.clone()),
         &subjects as &[Option<String>],
+        &models,
+        &column(&|s, _| s.model_version.clone()),
+        &column(&|s, _| s.model_sha256.clone()),
+        &priorities,
         &inputs,
-        &digests,
+        &column(&|_, a| a.input_sha256.clone()),
         &validate_ms,
+        &batches as &[Option<Uuid>],
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
         "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts)
-         select id, $2, $3, $4, $5 from unnest($1::uuid[]) as t(id)",
+         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[])",
         &ids,
-        submission.tenant.as_str(),
-        submission.model_name,
-        submission.priority.queue_rank(),
-        submission.max_attempts,
+        &tenants,
+        &models,
+        &ranks,
+        &attempts,
     )
     .execute(&mut *tx)
     .await?;

@@ -419,3 +419,34 @@ async fn a_submission_may_wait_for_its_result_like_a_synchronous_call() {
         "returning the result is a read"
     );
 }
+
+#[tokio::test]
+async fn concurrent_submissions_are_each_stored_once_through_the_group_commit() {
+    let app = TestApp::spawn_with(|c| c.worker_batch_size = 100).await;
+    let token = app.token("oslo", "submitter");
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let request = app
+                .client
+                .post(format!("{}/v1/analyses", app.base))
+                .bearer_auth(&token)
+                .json(&case());
+            tokio::spawn(async move {
+                request.send().await.unwrap().json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap());
+    }
+    assert_eq!(ids.len(), 40);
+    assert_eq!(
+        (app.rows("analyses").await, app.rows("jobs").await),
+        (40, 40)
+    );
+    assert_eq!(app.drain().await, 40);
+}

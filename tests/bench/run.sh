@@ -15,6 +15,7 @@ DURATION=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-64}
 PORT=${BENCH_PORT:-18080}
 BIN=target/release/onkos
+export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/target/onnxruntime-1.31.1/libonnxruntime.so.1.31.1}
 PGBIN=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)"; exit 1; }
 
@@ -25,6 +26,7 @@ export ONKOS_DATA_DIR=$DATA ONKOS_LISTEN=127.0.0.1:$PORT ONKOS_LOG=${ONKOS_LOG:-
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null; rm -rf "$DATA"' EXIT
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.2; done
+curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "onkos did not start:"; cat "$DATA/serve.log"; exit 1; }
 
 export BENCH_TOKEN=$("$BIN" token --tenant bench --role submitter --ttl 2h)
 export BENCH_BODY=$DATA/case.json

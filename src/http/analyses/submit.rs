@@ -137,39 +137,47 @@ pub async fn create(
     let (answer, location) = answer(&prepared);
     let manifest = &prepared.model.manifest;
     let submission = Submission {
-        tenant: &principal.tenant,
-        submitted_by: &principal.subject,
-        model_name: &manifest.name,
-        model_version: &manifest.version,
-        model_sha256: &manifest.onnx.sha256,
+        tenant: principal.tenant.clone(),
+        submitted_by: principal.subject.clone(),
+        model_name: manifest.name.clone(),
+        model_version: manifest.version.clone(),
+        model_sha256: manifest.onnx.sha256.clone(),
         priority: prepared.priority,
         batch_id: prepared.batch_id,
         max_attempts: state.retry_max_attempts(),
     };
-    let mut tx = state.pool.begin().await?;
-    repo::analyses::insert_with_jobs(&mut tx, &submission, &prepared.analyses).await?;
-    if let Some(key) = &key
-        && !repo::idempotency::remember(
-            &mut tx,
-            &principal.tenant,
-            key,
-            &request_sha256,
-            &answer,
-            Some(&location),
-        )
-        .await?
-    {
-        // A concurrent retry with the same key committed first: answer as it did.
-        tx.rollback().await?;
-        let stored = repo::idempotency::find(&state.pool, &principal.tenant, key)
+    let first_id = prepared.analyses[0].id;
+    let count = prepared.analyses.len();
+    match &key {
+        // The common case goes through the group commit.
+        None => state.intake.submit(submission, prepared.analyses).await?,
+        // A keyed submission commits with its key, so that a concurrent retry sees one or the other.
+        Some(key) => {
+            let mut tx = state.pool.begin().await?;
+            repo::analyses::insert_with_jobs(&mut tx, &[(&submission, &prepared.analyses)]).await?;
+            if !repo::idempotency::remember(
+                &mut tx,
+                &principal.tenant,
+                key,
+                &request_sha256,
+                &answer,
+                Some(&location),
+            )
             .await?
-            .ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?;
-        return replay(stored, &request_sha256);
+            {
+                // A concurrent retry with the same key committed first: answer as it did.
+                tx.rollback().await?;
+                let stored = repo::idempotency::find(&state.pool, &principal.tenant, key)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("idempotency key vanished"))?;
+                return replay(stored, &request_sha256);
+            }
+            tx.commit().await?;
+        }
     }
-    tx.commit().await?;
-    tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count = prepared.analyses.len(), "analyses queued");
+    tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, "analyses queued");
     if let (Some(wait), None) = (wait, prepared.batch_id) {
-        let id = prepared.analyses[0].id;
+        let id = first_id;
         let record = wait_until_final(&state, &principal, id, wait).await?;
         if !matches!(
             Status::parse(&record.status),
