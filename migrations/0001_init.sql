@@ -10,7 +10,7 @@ create table analyses (
     priority      text not null check (priority in ('routine', 'stat')),
     status        text not null default 'queued'
                   check (status in ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-    input         jsonb not null,
+    input         jsonb compression lz4 not null,
     input_sha256  text not null,
     error         text,
     validate_ms   double precision not null,
@@ -50,7 +50,8 @@ create index jobs_claimable_by_model on jobs (model_name, priority, enqueued_at)
 create table results (
     analysis_id        uuid primary key references analyses (id) on delete cascade,
     tenant_id          text not null,
-    result             jsonb not null,
+    -- lz4: results are a few kB (explanations) and written once per analysis; pglz costs more CPU.
+    result             jsonb compression lz4 not null,
     timings            jsonb not null,
     execution_provider text not null,
     created_at         timestamptz not null default now()

@@ -63,5 +63,5 @@ echo "ONNX Runtime in-process rows/s, batch 64 (median): $ort"
 awk -v o="$onkos" -v p="$pg" -v r="$ort" 'BEGIN {
   printf "ratio onkos / pgbench ceiling: %.2f (goal >= 0.5)\n", o / p
   printf "ratio onkos / quoted MLServer 1800 inferences/s: %.2f (goal >= 3)\n", o / 1800
-  printf "inference share of an analysis at that rate: %.1f%%\n", 100 * o / r
+  printf "inference share of an analysis at that rate: %.3f%%\n", 100 * o / r
 }'
