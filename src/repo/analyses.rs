@@ -133,6 +133,34 @@ pub async fn find(
     .await
 }
 
+/// `find`, and the read recorded in the audit trail by the same statement (one round trip): only
+/// when the analysis exists in the tenant, since a refused read is not a read.
+pub async fn find_and_audit(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    id: AnalysisId,
+    actor: &str,
+) -> sqlx::Result<Option<AnalysisRecord>> {
+    sqlx::query_as!(
+        AnalysisRecord,
+        r#"with audit as (
+               insert into audit_events (tenant_id, actor, action, target_type, target_id)
+               select $1, $3, 'analysis.read', 'analysis', $2::uuid::text
+               where exists (select 1 from analyses where tenant_id = $1 and id = $2)
+           )
+           select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority, a.status,
+                  a.input_sha256, a.error, a.validate_ms, a.created_at, a.started_at, a.finished_at,
+                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
+           from analyses a left join results r on r.analysis_id = a.id
+           where a.tenant_id = $1 and a.id = $2"#,
+        tenant.as_str(),
+        id.0,
+        actor,
+    )
+    .fetch_optional(db)
+    .await
+}
+
 #[derive(Debug)]
 pub struct AnalysisSummary {
     pub id: Uuid,

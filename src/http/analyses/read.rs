@@ -13,7 +13,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -58,16 +60,8 @@ pub async fn get(
         .transpose()?
         .unwrap_or_default()
         .min(state.config.max_wait());
-    let record = wait_until_final(&state, &principal, id, wait).await?;
-    repo::audit::record(
-        &state.pool,
-        &principal.tenant,
-        &principal.subject,
-        "analysis.read",
-        "analysis",
-        &id.to_string(),
-    )
-    .await?;
+    let done = state.completions.subscribe();
+    let record = read_when_final(&state, &principal, id, wait, done, false).await?;
     Ok(Json(view(&state, record).await?))
 }
 
@@ -89,35 +83,50 @@ fn is_final(record: &AnalysisRecord) -> bool {
     )
 }
 
-/// Reads the analysis, and while it is not final and `wait` has not passed, reads it again each
-/// time a worker reports it done — or every second, in case a notification was missed.
-pub(crate) async fn wait_until_final(
+/// Reads the analysis once it is final or `wait` has passed, and records the read in the audit
+/// trail. Meanwhile it wakes when a worker reports the analysis done — or every second, in case a
+/// notification was missed. `pending` says the caller knows it is not final yet (it was just
+/// submitted), which spares a read; `done` must have been subscribed before that knowledge.
+pub(crate) async fn read_when_final(
     state: &AppState,
     principal: &Principal,
     id: AnalysisId,
     wait: Duration,
+    mut done: broadcast::Receiver<Arc<Vec<Uuid>>>,
+    mut pending: bool,
 ) -> ApiResult<AnalysisRecord> {
     let deadline = Instant::now() + wait;
-    let mut done = state.completions.subscribe();
     loop {
-        let record = repo::analyses::find(&state.pool, &principal.tenant, id)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if is_final(&record) || Instant::now() >= deadline {
-            return Ok(record);
+        if Instant::now() >= deadline {
+            break;
         }
+        if !pending {
+            let record = repo::analyses::find(&state.pool, &principal.tenant, id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            if is_final(&record) {
+                break;
+            }
+        }
+        pending = false;
         let recheck = (Instant::now() + Duration::from_secs(1)).min(deadline);
-        loop {
+        let notified = loop {
             tokio::select! {
-                () = tokio::time::sleep_until(recheck) => break,
+                () = tokio::time::sleep_until(recheck) => break false,
                 message = done.recv() => match message {
                     Ok(ids) if !ids.contains(&id.0) => continue,
                     // Ours, or we may have missed ours (lagged, closed): read again.
-                    _ => break,
+                    _ => break true,
                 }
             }
+        };
+        if notified {
+            break;
         }
     }
+    repo::analyses::find_and_audit(&state.pool, &principal.tenant, id, &principal.subject)
+        .await?
+        .ok_or(ApiError::NotFound)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -2,7 +2,7 @@
 //! checked against the model's contract before anything is stored; a retried request with the same
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
-use super::read::{parse_wait, wait_until_final};
+use super::read::{parse_wait, read_when_final};
 use super::{AnalysisAccepted, AnalysisView, BatchAccepted, CreateAnalysisRequest, view};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
@@ -147,6 +147,9 @@ pub async fn create(
         max_attempts: state.retry_max_attempts(),
     };
     let first_id = prepared.analyses[0].id;
+    // Subscribed before the commit, so that a worker finishing at once is not missed.
+    let done =
+        (wait.is_some() && prepared.batch_id.is_none()).then(|| state.completions.subscribe());
     let count = prepared.analyses.len();
     match &key {
         // The common case goes through the group commit.
@@ -176,22 +179,12 @@ pub async fn create(
         }
     }
     tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, "analyses queued");
-    if let (Some(wait), None) = (wait, prepared.batch_id) {
-        let id = first_id;
-        let record = wait_until_final(&state, &principal, id, wait).await?;
+    if let (Some(wait), Some(done)) = (wait, done) {
+        let record = read_when_final(&state, &principal, first_id, wait, done, true).await?;
         if !matches!(
             Status::parse(&record.status),
             Some(Status::Queued | Status::Running)
         ) {
-            repo::audit::record(
-                &state.pool,
-                &principal.tenant,
-                &principal.subject,
-                "analysis.read",
-                "analysis",
-                &id.to_string(),
-            )
-            .await?;
             let mut response = (StatusCode::OK, Json(view(&state, record).await?)).into_response();
             if let Ok(value) = location.parse() {
                 response.headers_mut().insert(header::LOCATION, value);
