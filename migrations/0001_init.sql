@@ -37,6 +37,9 @@ create table jobs (
     max_attempts     integer not null default 5,
     -- Not claimable before this: retries back off.
     run_after        timestamptz not null default now(),
+    -- First claim. While a job runs, its analysis row (wide: the input) is not rewritten: "running"
+    -- and its start time are read from here, and copied to the analysis when it finishes.
+    started_at       timestamptz,
     lease_owner      uuid,
     lease_expires_at timestamptz,
     last_error       text,

@@ -121,10 +121,14 @@ pub async fn find(
 ) -> sqlx::Result<Option<AnalysisRecord>> {
     sqlx::query_as!(
         AnalysisRecord,
-        r#"select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority, a.status,
-                  a.input_sha256, a.error, a.validate_ms, a.created_at, a.started_at, a.finished_at,
+        r#"select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
+                  case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
+                  a.input_sha256, a.error, a.validate_ms, a.created_at,
+                  coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
                   a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
-           from analyses a left join results r on r.analysis_id = a.id
+           from analyses a
+           left join jobs j on j.analysis_id = a.id
+           left join results r on r.analysis_id = a.id
            where a.tenant_id = $1 and a.id = $2"#,
         tenant.as_str(),
         id.0,
@@ -148,10 +152,14 @@ pub async fn find_and_audit(
                select $1, $3, 'analysis.read', 'analysis', $2::uuid::text
                where exists (select 1 from analyses where tenant_id = $1 and id = $2)
            )
-           select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority, a.status,
-                  a.input_sha256, a.error, a.validate_ms, a.created_at, a.started_at, a.finished_at,
+           select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
+                  case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
+                  a.input_sha256, a.error, a.validate_ms, a.created_at,
+                  coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
                   a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
-           from analyses a left join results r on r.analysis_id = a.id
+           from analyses a
+           left join jobs j on j.analysis_id = a.id
+           left join results r on r.analysis_id = a.id
            where a.tenant_id = $1 and a.id = $2"#,
         tenant.as_str(),
         id.0,
@@ -196,18 +204,20 @@ pub async fn list(
 ) -> sqlx::Result<Vec<AnalysisSummary>> {
     sqlx::query_as!(
         AnalysisSummary,
-        "select id, subject, model_name, model_version, priority, status, created_at, finished_at, batch_id
-         from analyses
-         where tenant_id = $1
-           and ($2::uuid is null or id < $2)
-           and ($3::text is null or status = $3)
-           and ($4::text is null or model_name = $4)
-           and ($5::text is null or subject = $5)
-           and ($6::uuid is null or batch_id = $6)
-           and ($7::timestamptz is null or created_at >= $7)
-           and ($8::timestamptz is null or created_at < $8)
-         order by id desc
-         limit $9",
+        r#"select a.id, a.subject, a.model_name, a.model_version, a.priority,
+                  case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
+                  a.created_at, a.finished_at, a.batch_id
+         from analyses a left join jobs j on j.analysis_id = a.id
+         where a.tenant_id = $1
+           and ($2::uuid is null or a.id < $2)
+           and ($3::text is null or (case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end) = $3)
+           and ($4::text is null or a.model_name = $4)
+           and ($5::text is null or a.subject = $5)
+           and ($6::uuid is null or a.batch_id = $6)
+           and ($7::timestamptz is null or a.created_at >= $7)
+           and ($8::timestamptz is null or a.created_at < $8)
+         order by a.id desc
+         limit $9"#,
         tenant.as_str(),
         filter.before.map(|b| b.0),
         filter.status,

@@ -53,20 +53,16 @@ pub async fn claim(
            ), claimed as (
                update jobs j
                set state = 'running', attempts = j.attempts + 1, lease_owner = $2,
-                   lease_expires_at = now() + make_interval(secs => $3)
+                   lease_expires_at = now() + make_interval(secs => $3),
+                   started_at = coalesce(j.started_at, now())
                from picked where j.analysis_id = picked.analysis_id
-               returning j.analysis_id, j.tenant_id, j.attempts, j.max_attempts, j.model_name
-           ), started as (
-               update analyses a
-               set status = 'running', started_at = coalesce(a.started_at, now())
-               from claimed where a.id = claimed.analysis_id
-               returning a.id, a.model_version, a.input, a.created_at, a.started_at
+               returning j.analysis_id, j.tenant_id, j.attempts, j.max_attempts, j.model_name, j.started_at
            )
            select c.analysis_id as "analysis_id!", c.tenant_id as "tenant_id!", c.attempts as "attempts!",
                   c.max_attempts as "max_attempts!", c.model_name as "model_name!",
-                  s.model_version as "model_version!", s.input as "input!",
-                  s.created_at as "created_at!", s.started_at
-           from claimed c join started s on s.id = c.analysis_id"#,
+                  a.model_version as "model_version!", a.input as "input!",
+                  a.created_at as "created_at!", c.started_at
+           from claimed c join analyses a on a.id = c.analysis_id"#,
         limit,
         worker,
         lease_secs,
@@ -167,18 +163,18 @@ pub async fn finish(
     if fenced != 1 {
         return Ok(false);
     }
-    let terminal = status != "queued";
-    sqlx::query!(
-        "update analyses set status = $2, error = $3,
-                finished_at = case when $4 then now() end
-         where id = $1",
-        job.analysis_id,
-        status,
-        if terminal { error } else { None },
-        terminal,
-    )
-    .execute(&mut *tx)
-    .await?;
+    // A retried analysis stays `queued`; only a final outcome touches the (wide) analysis row.
+    if status != "queued" {
+        sqlx::query!(
+            "update analyses set status = $2, error = $3, finished_at = now(), started_at = $4 where id = $1",
+            job.analysis_id,
+            status,
+            error,
+            job.started_at,
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(true)
 }
 
@@ -224,7 +220,7 @@ pub async fn complete_batch(
                update jobs j set state = 'done', lease_owner = null, lease_expires_at = null, last_error = null
                from unnest($2::uuid[], $3::int[]) as t(id, attempts)
                where j.analysis_id = t.id and j.attempts = t.attempts and j.lease_owner = $1 and j.state = 'running'
-               returning j.analysis_id, j.tenant_id
+               returning j.analysis_id, j.tenant_id, j.started_at
            ), stored as (
                insert into results (analysis_id, tenant_id, result, timings, execution_provider)
                select d.analysis_id, d.tenant_id, r.result, r.timings, $6
@@ -232,8 +228,9 @@ pub async fn complete_batch(
                  on r.id = d.analysis_id
                returning analysis_id
            )
-           update analyses a set status = 'succeeded', error = null, finished_at = now()
-           from stored s where a.id = s.analysis_id
+           update analyses a set status = 'succeeded', error = null, finished_at = now(), started_at = d.started_at
+           from stored s join done d on d.analysis_id = s.analysis_id
+           where a.id = s.analysis_id
            returning a.id"#,
         worker,
         &ids,
