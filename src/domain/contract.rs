@@ -219,15 +219,57 @@ impl Manifest {
             }
         }
         for input in &self.inputs {
-            if let InputKind::Categorical {
-                levels, reference, ..
-            } = &input.kind
-                && !levels.contains(reference)
-            {
-                return Err(format!(
-                    "input {}: reference level {reference} is not among its levels",
-                    input.name
-                ));
+            let columns: Vec<&EncodedColumn> = self
+                .encoding
+                .iter()
+                .filter(|c| c.input == input.name)
+                .collect();
+            match &input.kind {
+                InputKind::Numeric { .. } if columns.len() != 1 => {
+                    return Err(format!(
+                        "numeric input {} must have exactly one encoding column",
+                        input.name
+                    ));
+                }
+                InputKind::Categorical {
+                    levels,
+                    reference,
+                    codes,
+                    ..
+                } => {
+                    if !levels.contains(reference) {
+                        return Err(format!(
+                            "input {}: reference level {reference} is not among its levels",
+                            input.name
+                        ));
+                    }
+                    // Exactly one indicator per non-reference level: a missing one would silently
+                    // encode that level as the reference.
+                    let mut encoded: Vec<&str> =
+                        columns.iter().filter_map(|c| c.level.as_deref()).collect();
+                    let mut expected: Vec<&str> = levels
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|l| l != reference)
+                        .collect();
+                    encoded.sort_unstable();
+                    expected.sort_unstable();
+                    if encoded != expected {
+                        return Err(format!(
+                            "input {}: the encoding must have one indicator for each level but the reference",
+                            input.name
+                        ));
+                    }
+                    if let Some((code, level)) =
+                        codes.iter().find(|(_, level)| !levels.contains(level))
+                    {
+                        return Err(format!(
+                            "input {}: code {code} maps to {level}, which is not a level",
+                            input.name
+                        ));
+                    }
+                }
+                InputKind::Numeric { .. } => {}
             }
         }
         if let Some(e) = &self.explanation
@@ -262,10 +304,13 @@ impl Manifest {
                 {
                     return Err("survival needs one baseline survival per horizon".into());
                 }
-                if s.risk_score_percentiles.len() != 101 {
-                    return Err(
-                        "survival needs the 101 risk-score percentiles of the cohort".into(),
-                    );
+                if s.risk_score_percentiles.len() != 101
+                    || s.risk_score_percentiles.windows(2).any(|w| w[0] > w[1])
+                {
+                    return Err("survival needs the 101 risk-score percentiles of the cohort, in increasing order".into());
+                }
+                if s.horizons_days.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err("survival horizons must increase".into());
                 }
                 self.onnx
                     .outputs
@@ -442,6 +487,13 @@ fn check_value(
                 return Err((
                     "out_of_range",
                     format!("{} must be at most {hi} {unit}, got {v}", spec.name),
+                ));
+            }
+            // Models take single-precision input; a larger magnitude would become infinity there.
+            if v.abs() > f64::from(f32::MAX) {
+                return Err((
+                    "out_of_range",
+                    format!("{} is beyond the range a model input can hold", spec.name),
                 ));
             }
             let [lo, hi] = *training_range;
@@ -634,6 +686,13 @@ mod tests {
             c.positive_label = "other".into();
         }
         assert!(m.check().is_err());
+    }
+
+    #[test]
+    fn an_encoding_that_misses_a_level_is_refused() {
+        let mut m = manifest();
+        m.encoding.pop();
+        assert!(m.check().is_err_and(|e| e.contains("indicator")));
     }
 
     #[test]

@@ -129,6 +129,16 @@ pub fn build(
     encoded: &[f64],
     flags: Vec<RangeFlag>,
 ) -> Result<AnalysisResult, String> {
+    // A non-finite output would read as a confident answer (NaN fails every threshold test).
+    let mut values = outputs
+        .probabilities
+        .iter()
+        .flatten()
+        .chain(&outputs.risk_score)
+        .chain(outputs.survival.iter().flatten());
+    if values.any(|v| !v.is_finite()) {
+        return Err("the model returned a value that is not a finite number for this input".into());
+    }
     let explanation = explain(manifest, encoded);
     let intended_use = manifest.intended_use.clone();
     if let Some(spec) = &manifest.classification {

@@ -11,7 +11,28 @@ use tokio::sync::{mpsc, oneshot};
 /// Most submissions written by one transaction.
 const MAX_GROUP: usize = 256;
 
-type Reply = oneshot::Sender<Result<(), String>>;
+/// Why a submission was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IntakeError {
+    /// The database is not reachable (503).
+    #[error("the database is not reachable")]
+    Unavailable,
+    #[error("cannot store the submission: {0}")]
+    Failed(String),
+}
+
+impl From<sqlx::Error> for IntakeError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable
+            }
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<(), IntakeError>>;
 
 #[derive(Debug, Clone)]
 pub struct Intake {
@@ -31,16 +52,15 @@ impl Intake {
         &self,
         submission: Submission,
         analyses: Vec<NewAnalysis>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), IntakeError> {
         let (reply, committed) = oneshot::channel();
         self.queue
             .send((submission, analyses, reply))
             .await
-            .map_err(|_| anyhow::anyhow!("the intake has stopped"))?;
+            .map_err(|_| IntakeError::Failed("the intake has stopped".into()))?;
         committed
             .await
-            .map_err(|_| anyhow::anyhow!("the intake dropped the submission"))?
-            .map_err(|e| anyhow::anyhow!("cannot store the submission: {e}"))
+            .map_err(|_| IntakeError::Failed("the intake dropped the submission".into()))?
     }
 }
 
@@ -50,14 +70,31 @@ async fn write_groups(
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while incoming.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let outcome = write(&pool, &group).await.map_err(|e| {
-            tracing::warn!(error = %e, submissions = group.len(), "group commit failed");
-            e.to_string()
-        });
-        for (_, _, reply) in group.drain(..) {
-            // The caller may have gone (client disconnected); the rows are stored regardless.
-            let _ = reply.send(outcome.clone());
+        match write(&pool, &group).await {
+            Ok(()) => reply_all(&mut group, &Ok(())),
+            Err(e) if group.len() == 1 => reply_all(&mut group, &Err(e.into())),
+            Err(e) => {
+                // One bad submission must not fail its neighbours (other tenants' among them):
+                // store each on its own, so that only the bad one fails.
+                tracing::warn!(error = %e, submissions = group.len(), "group commit failed; storing one by one");
+                for entry in group.drain(..) {
+                    let outcome = write(&pool, std::slice::from_ref(&entry))
+                        .await
+                        .map_err(IntakeError::from);
+                    // The caller may have gone (client disconnected); the rows are stored regardless.
+                    let _ = entry.2.send(outcome);
+                }
+            }
         }
+    }
+}
+
+fn reply_all(
+    group: &mut Vec<(Submission, Vec<NewAnalysis>, Reply)>,
+    outcome: &Result<(), IntakeError>,
+) {
+    for (_, _, reply) in group.drain(..) {
+        let _ = reply.send(outcome.clone());
     }
 }
 

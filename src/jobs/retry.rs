@@ -21,11 +21,6 @@ impl RetryPolicy {
             .min(self.cap);
         raw.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
     }
-
-    /// Whether an attempt that failed transiently should run again.
-    pub fn allows_another(&self, attempt: i32) -> bool {
-        attempt < self.max_attempts
-    }
 }
 
 /// A uniform random number in [0, 1) from the OS.
@@ -59,11 +54,5 @@ mod tests {
         let p = policy();
         assert_eq!(p.delay(3, 0.0), Duration::from_secs(2));
         assert!(p.delay(3, 0.999) < Duration::from_secs(4));
-    }
-
-    #[test]
-    fn attempts_stop_at_the_limit() {
-        assert!(policy().allows_another(3));
-        assert!(!policy().allows_another(4));
     }
 }

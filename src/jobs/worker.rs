@@ -124,7 +124,6 @@ impl Worker {
         if jobs.is_empty() {
             return Ok(0);
         }
-        let _heartbeat = self.heartbeat(&jobs);
         let mut finished = 0;
         // Claims are per model; a new version activated meanwhile can split one claim in two.
         let mut groups: Vec<((String, String), Vec<ClaimedJob>)> = Vec::new();
@@ -138,10 +137,14 @@ impl Worker {
         for ((model, version), jobs) in groups {
             let span =
                 tracing::info_span!("batch", model = %model, version = %version, size = jobs.len());
+            // The heartbeat stops before the outcome is stored, so that its update and the
+            // storing transaction never hold the same rows in different orders.
+            let heartbeat = self.heartbeat(&jobs);
             let attempts = self
                 .run_batch(&model, &version, &jobs)
                 .instrument(span)
                 .await;
+            drop(heartbeat);
             finished += self.store(&jobs, attempts).await?;
         }
         Ok(finished)
@@ -225,8 +228,9 @@ impl Worker {
         let mut outputs = match predictions {
             Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>().into_iter(),
             Err(e) => {
+                // Runtime errors name hosts, source files and graph nodes: they go to the log only.
                 tracing::error!(error = %e, model = name, "inference failed");
-                vec![Err(e); batch_size].into_iter()
+                vec![Err("inference failed on the worker".to_owned()); batch_size].into_iter()
             }
         };
         jobs.iter()
@@ -244,7 +248,7 @@ impl Worker {
                             Err(e) => Attempt::Permanent(e),
                         }
                     }
-                    Some(Err(e)) => Attempt::Transient(format!("inference failed: {e}")),
+                    Some(Err(e)) => Attempt::Transient(e),
                     None => {
                         Attempt::Transient("the model returned fewer rows than it was given".into())
                     }
@@ -276,7 +280,7 @@ impl Worker {
                     exhausted = error;
                     outcome = Outcome::Failed { error: &exhausted };
                 }
-                Attempt::Transient(error) if self.retry.allows_another(job.attempts) => {
+                Attempt::Transient(error) if job.attempts < job.max_attempts => {
                     exhausted = error;
                     let delay_secs = self.retry.delay(job.attempts, unit_random()).as_secs_f64();
                     outcome = Outcome::Retry {

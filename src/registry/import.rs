@@ -75,8 +75,23 @@ async fn import_one(registry: &Registry, folder: &Path) -> anyhow::Result<()> {
     registry.blobs.put(&row.blob_key, onnx.into()).await?;
     let mut tx = registry.pool.begin().await?;
     // A concurrent start-up may have imported it first; either way it is there and active once.
+    anyhow::ensure!(
+        repo::models::claim_name(&mut tx, &row.name, None).await?,
+        "the bundled model name {} is already used by a tenant's own model",
+        row.name
+    );
     if repo::models::insert(&mut *tx, &row).await? {
         repo::models::activate(&mut tx, &row.name, &row.version).await?;
+    } else {
+        // Another node imported this version first: its bytes must be ours, or analyses would
+        // record one sha256 while this node runs another file.
+        let theirs = repo::models::find(&mut *tx, &row.name, &row.version).await?;
+        anyhow::ensure!(
+            theirs.is_some_and(|t| t.onnx_sha256 == row.onnx_sha256),
+            "{} {} was imported concurrently with different bytes: give a changed model a new version",
+            row.name,
+            row.version
+        );
     }
     tx.commit().await?;
     registry.remember(&row.name, &row.version, std::sync::Arc::new(model));

@@ -162,13 +162,6 @@ impl Registry {
                 manifest.onnx.sha256
             )));
         }
-        let owners = repo::models::list_owners(&self.pool, &manifest.name).await?;
-        if owners.iter().any(|o| o.as_deref() != Some(tenant.as_str())) {
-            return Err(RegisterError::Conflict(format!(
-                "the name {} belongs to another model",
-                manifest.name
-            )));
-        }
         if repo::models::find(&self.pool, &manifest.name, &manifest.version)
             .await?
             .is_some()
@@ -192,12 +185,20 @@ impl Registry {
             Some(by),
         );
         self.blobs.put(&row.blob_key, onnx).await?;
-        if !repo::models::insert(&self.pool, &row).await? {
+        let mut tx = self.pool.begin().await?;
+        if !repo::models::claim_name(&mut tx, &row.name, Some(tenant.as_str())).await? {
+            return Err(RegisterError::Conflict(format!(
+                "the name {} belongs to another model",
+                row.name
+            )));
+        }
+        if !repo::models::insert(&mut *tx, &row).await? {
             return Err(RegisterError::Conflict(format!(
                 "{} {} was registered concurrently",
                 row.name, row.version
             )));
         }
+        tx.commit().await?;
         self.remember(&row.name, &row.version, Arc::new(model));
         tracing::info!(model = %row.name, version = %row.version, tenant = %tenant, "model registered");
         Ok(row)

@@ -24,7 +24,8 @@ pub struct ClaimedJob {
 
 /// Claims up to `limit` runnable jobs of one model — the model of the most urgent runnable job —
 /// so that they run as one inference batch. Runnable: queued and due, or running with an expired
-/// lease (its worker died) and attempts left. `stat` first, then oldest first.
+/// lease (its worker died) and attempts left; such a job is claimed alone. `stat` first, then
+/// oldest first.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker: Uuid,
@@ -35,21 +36,26 @@ pub async fn claim(
     sqlx::query_as!(
         ClaimedJob,
         r#"with head as (
-               select model_name from jobs
+               select analysis_id, model_name, state from jobs
                where ((state = 'queued' and run_after <= now())
                       or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
                  and ($4::text is null or model_name = $4)
-               order by priority, enqueued_at
+               order by priority, enqueued_at, analysis_id
                limit 1
                for update skip locked
-           ), picked as (
+           ), rest as (
+               -- A job whose worker died may be what killed it: it runs alone, so that a poison
+               -- input cannot take a whole batch to the dead letter with it.
                select analysis_id from jobs
                where model_name = (select model_name from head)
-                 and ((state = 'queued' and run_after <= now())
-                      or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
-               order by priority, enqueued_at
-               limit $1
+                 and (select state from head) = 'queued'
+                 and state = 'queued' and run_after <= now()
+                 and analysis_id <> (select analysis_id from head)
+               order by priority, enqueued_at, analysis_id
+               limit greatest($1::int8 - 1, 0)
                for update skip locked
+           ), picked as (
+               select analysis_id from head union all select analysis_id from rest
            ), claimed as (
                update jobs j
                set state = 'running', attempts = j.attempts + 1, lease_owner = $2,

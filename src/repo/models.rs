@@ -144,12 +144,22 @@ pub async fn retire(db: impl PgExecutor<'_>, name: &str, version: &str) -> sqlx:
     Ok(())
 }
 
-/// Who owns the versions of `name` (`None` = bundled), to keep a name to one owner.
-pub async fn list_owners(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Vec<Option<String>>> {
-    sqlx::query_scalar!(
-        "select distinct tenant_id from models where name = $1",
-        name
+/// Claims `name` for `tenant` (`None`: bundled) unless it has an owner; returns whether the owner
+/// is now `tenant`. Run it in the transaction that inserts the version.
+pub async fn claim_name(
+    tx: &mut PgConnection,
+    name: &str,
+    tenant: Option<&str>,
+) -> sqlx::Result<bool> {
+    sqlx::query!(
+        "insert into model_owners (name, tenant_id) values ($1, $2) on conflict (name) do nothing",
+        name,
+        tenant
     )
-    .fetch_all(db)
-    .await
+    .execute(&mut *tx)
+    .await?;
+    let owner = sqlx::query_scalar!("select tenant_id from model_owners where name = $1", name)
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(owner.as_deref() == tenant)
 }

@@ -89,6 +89,11 @@ fn violations() -> Vec<(Value, &'static str, &'static str)> {
             "not_a_string",
         ),
         (
+            json!({"model": MODEL, "features": features(), "subject": "ACC\u{0}1"}),
+            "subject",
+            "control_character",
+        ),
+        (
             json!({"model": MODEL, "features": features(), "callback": "http://x"}),
             "callback",
             "unknown",

@@ -450,3 +450,21 @@ async fn concurrent_submissions_are_each_stored_once_through_the_group_commit() 
     );
     assert_eq!(app.drain().await, 40);
 }
+
+#[tokio::test]
+async fn a_job_whose_worker_died_is_retried_alone_so_a_poison_input_cannot_sink_its_batch() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    for _ in 0..3 {
+        app.submit(&token, &case()["features"]).await;
+    }
+    assert_eq!(app.worker.another().claim().await.unwrap().len(), 3);
+    expire_leases(&app).await;
+    let worker = app.worker.another();
+    for _ in 0..3 {
+        let claimed = worker.claim().await.unwrap();
+        assert_eq!(claimed.len(), 1, "a reclaimed job runs on its own");
+        assert_eq!(worker.process(claimed).await.unwrap(), 1);
+    }
+    assert_eq!(app.rows("results").await, 3);
+}

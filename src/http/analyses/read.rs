@@ -114,9 +114,15 @@ pub(crate) async fn read_when_final(
             tokio::select! {
                 () = tokio::time::sleep_until(recheck) => break false,
                 message = done.recv() => match message {
-                    Ok(ids) if !ids.contains(&id.0) => continue,
-                    // Ours, or we may have missed ours (lagged, closed): read again.
-                    _ => break true,
+                    Ok(ids) if ids.contains(&id.0) => break true,
+                    Ok(_) => continue,
+                    // Notifications were missed: read again (the loop re-reads when not notified).
+                    Err(broadcast::error::RecvError::Lagged(_)) => break false,
+                    // No more notifications in this process: fall back to the timer.
+                    Err(broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep_until(recheck).await;
+                        break false;
+                    }
                 }
             }
         };

@@ -11,6 +11,7 @@ use crate::domain::contract::{FieldError, ValidFeatures};
 use crate::domain::ids::AnalysisId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{BodyKind, body_bytes, body_kind, json_object};
+use crate::jobs::intake::IntakeError;
 use crate::registry::LoadedModel;
 use crate::repo;
 use crate::repo::analyses::{NewAnalysis, Submission};
@@ -153,7 +154,16 @@ pub async fn create(
     let count = prepared.analyses.len();
     match &key {
         // The common case goes through the group commit.
-        None => state.intake.submit(submission, prepared.analyses).await?,
+        None => state
+            .intake
+            .submit(submission, prepared.analyses)
+            .await
+            .map_err(|e| match e {
+                IntakeError::Unavailable => {
+                    ApiError::Unavailable("the database is not reachable".into())
+                }
+                IntakeError::Failed(why) => ApiError::Internal(anyhow::anyhow!(why)),
+            })?,
         // A keyed submission commits with its key, so that a concurrent retry sees one or the other.
         Some(key) => {
             let mut tx = state.pool.begin().await?;
@@ -478,15 +488,21 @@ async fn find_model(state: &AppState, principal: &Principal, name: &str) -> ApiR
 }
 
 fn check_subject(s: &str) -> Result<&str, FieldError> {
-    if s.chars().count() <= MAX_SUBJECT {
-        Ok(s)
-    } else {
-        Err(FieldError::new(
+    if s.chars().count() > MAX_SUBJECT {
+        return Err(FieldError::new(
             "subject",
             "too_long",
             format!("subject is longer than {MAX_SUBJECT} characters"),
-        ))
+        ));
     }
+    if s.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "subject",
+            "control_character",
+            "subject must not contain control characters",
+        ));
+    }
+    Ok(s)
 }
 
 /// Stored in the model's input order, exactly as validated.
