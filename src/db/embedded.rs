@@ -73,6 +73,14 @@ impl EmbeddedPostgres {
             .database(database)
     }
 
+    /// A `DATABASE_URL` for a database in this cluster, for other processes (`onkos worker`).
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@localhost/{database}?host={}",
+            self.socket_dir.display()
+        )
+    }
+
     pub fn default_options(&self) -> PgConnectOptions {
         self.options(DATABASE)
     }

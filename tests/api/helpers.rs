@@ -60,6 +60,11 @@ async fn cluster() -> &'static EmbeddedPostgres {
 
 /// A fresh, migrated database for one test.
 pub async fn fresh_database() -> PgPool {
+    fresh_database_named().await.0
+}
+
+/// A fresh database and a URL other processes can reach it by.
+pub async fn fresh_database_named() -> (PgPool, String) {
     let server = cluster().await;
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect_with(&server.options("postgres"))
@@ -71,7 +76,10 @@ pub async fn fresh_database() -> PgPool {
     .execute(&mut admin)
     .await
     .unwrap();
-    onkos::db::pool(server.options(&name), 8).await.unwrap()
+    (
+        onkos::db::pool(server.options(&name), 8).await.unwrap(),
+        server.url(&name),
+    )
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
@@ -103,6 +111,8 @@ pub struct TestApp {
     pub worker: Worker,
     pub keys: DevKeys,
     pub config: Config,
+    /// The test database, as another process would reach it.
+    pub database_url: String,
     shutdown: CancellationToken,
     _data_dir: tempfile::TempDir,
 }
@@ -116,7 +126,7 @@ impl TestApp {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = test_config(data_dir.path());
         adjust(&mut config);
-        let pool = fresh_database().await;
+        let (pool, database_url) = fresh_database_named().await;
         let app = Application::with_pool(config.clone(), pool.clone())
             .await
             .expect("build the application");
@@ -135,6 +145,7 @@ impl TestApp {
             worker,
             keys,
             config,
+            database_url,
             shutdown,
             _data_dir: data_dir,
         }

@@ -468,3 +468,31 @@ async fn a_job_whose_worker_died_is_retried_alone_so_a_poison_input_cannot_sink_
     }
     assert_eq!(app.rows("results").await, 3);
 }
+
+#[tokio::test]
+async fn a_separate_onkos_worker_process_runs_the_queue_of_the_api() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let data = tempfile::tempdir().unwrap();
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_onkos"))
+        .arg("worker")
+        .env("DATABASE_URL", &app.database_url)
+        .env("ONKOS_DATA_DIR", data.path())
+        .env("ONKOS_MODELS_DIR", crate::helpers::repo_path("models"))
+        .env("ONKOS_EXECUTION_PROVIDER", "cpu")
+        .env("ORT_DYLIB_PATH", app.config.ort_dylib_path.clone().unwrap())
+        .env("ONKOS_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = app.submit(&token, &case()["features"]).await;
+    // No worker runs in the API process: only the other process can finish this.
+    let analysis = status(&app, &token, &format!("{id}?wait=25s")).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    assert_eq!(
+        analysis["model"]["sha256"],
+        crate::helpers::manifest()["onnx"]["sha256"]
+    );
+    worker.start_kill().unwrap();
+    let _ = worker.wait().await;
+}
