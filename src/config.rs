@@ -31,6 +31,8 @@ pub struct Config {
     pub auth_jwks_url: Option<String>,
     /// A token naming an unknown key id refetches the JWKS at most this often.
     pub auth_jwks_min_refresh_secs: u64,
+    /// JWKS keys older than this are refetched, so withdrawn keys stop verifying.
+    pub auth_jwks_max_age_secs: u64,
     pub request_timeout_secs: u64,
     pub body_limit_bytes: usize,
     /// Largest model upload (`POST /v1/models`, multipart).
@@ -85,6 +87,7 @@ impl Default for Config {
             auth_public_key: None,
             auth_jwks_url: None,
             auth_jwks_min_refresh_secs: 10,
+            auth_jwks_max_age_secs: 900,
             request_timeout_secs: 60,
             body_limit_bytes: 1024 * 1024,
             model_upload_limit_bytes: 512 * 1024 * 1024,

@@ -10,6 +10,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, RwLock};
 
@@ -41,6 +42,10 @@ struct RawClaims {
 struct Jwks {
     url: String,
     min_refresh: Duration,
+    /// Keys are refetched when older than this, so a key the issuer withdrew stops verifying.
+    max_age: Duration,
+    /// Bumped on every refetch; tokens verified under an older key set are verified again.
+    generation: AtomicU64,
     client: reqwest::Client,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_fetch: Mutex<Option<Instant>>,
@@ -60,8 +65,11 @@ pub struct Verifier {
     keys: Keys,
     /// Tokens already verified, until they expire: a pipeline sends the same token thousands of
     /// times, and a signature check costs more than the rest of a request's authentication.
-    verified: std::sync::RwLock<HashMap<String, (Principal, u64)>>,
+    verified: std::sync::RwLock<HashMap<String, VerifiedToken>>,
 }
+
+/// A verified token's caller, its `exp`, and the key-set generation it was verified under.
+type VerifiedToken = (Principal, u64, u64);
 
 /// A flood of distinct tokens must not grow the cache without bound.
 const VERIFIED_CACHE_LIMIT: usize = 10_000;
@@ -104,6 +112,8 @@ impl Verifier {
             Keys::Jwks(Jwks {
                 url: url.clone(),
                 min_refresh: Duration::from_secs(config.auth_jwks_min_refresh_secs),
+                max_age: Duration::from_secs(config.auth_jwks_max_age_secs),
+                generation: AtomicU64::new(0),
                 client: reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
                     .build()?,
@@ -146,12 +156,20 @@ impl Verifier {
             .read()
             .ok()
             .and_then(|v| v.get(token).cloned());
-        if let Some((principal, exp)) = cached
+        if let Some((principal, exp, generation)) = cached
             && now < exp
+            && generation == self.key_generation()
         {
             return Ok(principal);
         }
         self.verify_signed(token).await
+    }
+
+    fn key_generation(&self) -> u64 {
+        match &self.keys {
+            Keys::Single { .. } => 0,
+            Keys::Jwks(jwks) => jwks.generation.load(Ordering::Acquire),
+        }
     }
 
     async fn verify_signed(&self, token: &str) -> Result<Principal, ApiError> {
@@ -186,11 +204,15 @@ impl Verifier {
             tenant,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
         };
+        let generation = self.key_generation();
         if let Ok(mut verified) = self.verified.write() {
             if verified.len() >= VERIFIED_CACHE_LIMIT {
                 verified.clear();
             }
-            verified.insert(token.to_owned(), (principal.clone(), claims.exp));
+            verified.insert(
+                token.to_owned(),
+                (principal.clone(), claims.exp, generation),
+            );
         }
         Ok(principal)
     }
@@ -198,40 +220,35 @@ impl Verifier {
 
 impl Jwks {
     async fn key(&self, kid: &str) -> anyhow::Result<DecodingKey> {
-        if let Some(key) = self.keys.read().await.get(kid) {
+        let mut last = self.last_fetch.lock().await;
+        let stale = last.is_none_or(|t| t.elapsed() >= self.max_age);
+        if !stale && let Some(key) = self.keys.read().await.get(kid) {
             return Ok(key.clone());
         }
-        {
-            let mut last = self.last_fetch.lock().await;
-            // Another request may have refreshed while this one waited for the lock.
-            if let Some(key) = self.keys.read().await.get(kid) {
-                return Ok(key.clone());
-            }
-            if last.is_some_and(|t| t.elapsed() < self.min_refresh) {
-                anyhow::bail!(
-                    "not in the key set (refreshed {:?} ago)",
-                    last.map(|t| t.elapsed())
-                );
-            }
-            *last = Some(Instant::now());
-            let set: JwkSet = self
-                .client
-                .get(&self.url)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let fresh: HashMap<String, DecodingKey> = set
-                .keys
-                .iter()
-                .filter_map(|jwk| {
-                    Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?))
-                })
-                .collect();
-            tracing::info!(url = %self.url, keys = fresh.len(), "refreshed the JWKS");
-            *self.keys.write().await = fresh;
+        if !stale && last.is_some_and(|t| t.elapsed() < self.min_refresh) {
+            anyhow::bail!(
+                "not in the key set (refreshed {:?} ago)",
+                last.map(|t| t.elapsed())
+            );
         }
+        *last = Some(Instant::now());
+        let set: JwkSet = self
+            .client
+            .get(&self.url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let fresh: HashMap<String, DecodingKey> = set
+            .keys
+            .iter()
+            .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
+            .collect();
+        tracing::info!(url = %self.url, keys = fresh.len(), "refreshed the JWKS");
+        *self.keys.write().await = fresh;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(last);
         self.keys
             .read()
             .await

@@ -208,6 +208,7 @@ async fn jwks_keys_are_fetched_and_refetched_when_an_unknown_kid_appears() {
     let app = TestApp::spawn_with(|c| {
         c.auth_jwks_url = Some(url);
         c.auth_jwks_min_refresh_secs = 0;
+        c.auth_jwks_max_age_secs = 0;
     })
     .await;
     let mint = |keys: &DevKeys| {
@@ -232,6 +233,15 @@ async fn jwks_keys_are_fetched_and_refetched_when_an_unknown_kid_appears() {
         app.get("/v1/analyses", &mint(&second)).await.status(),
         200,
         "rotation picked up"
+    );
+    let first_token = mint(&first);
+    assert_eq!(app.get("/v1/analyses", &first_token).await.status(), 200);
+    *set.lock().unwrap() = json!({"keys": [jwk(&second)]});
+    assert_eq!(app.get("/v1/analyses", &mint(&second)).await.status(), 200);
+    assert_eq!(
+        app.get("/v1/analyses", &first_token).await.status(),
+        401,
+        "a withdrawn key stops verifying, even for a token verified before"
     );
     assert_eq!(
         app.get("/v1/analyses", &app.token("oslo", "clinician"))
