@@ -94,8 +94,7 @@ impl EmbeddedPostgres {
                     if let Some(status) = self.exited.lock().ok().and_then(|rx| rx.try_recv().ok())
                     {
                         bail!(
-                            "the embedded PostgreSQL exited during start-up ({status:?}); see {}",
-                            self.log_hint()
+                            "the embedded PostgreSQL exited during start-up ({status:?}); see postgres.log in the cluster folder"
                         );
                     }
                     if start.elapsed() > limit {
@@ -124,10 +123,6 @@ impl EmbeddedPostgres {
                 .await?;
         }
         Ok(conn.close().await?)
-    }
-
-    fn log_hint(&self) -> String {
-        "the server log in the cluster folder (postgres.log)".into()
     }
 
     /// Fast shutdown: open transactions roll back, the cluster is consistent on disk.

@@ -105,15 +105,6 @@ pub enum AnalysisResult {
     Survival(SurvivalResult),
 }
 
-impl AnalysisResult {
-    pub fn intended_use(&self) -> &str {
-        match self {
-            Self::Classification(r) => &r.intended_use,
-            Self::Survival(r) => &r.intended_use,
-        }
-    }
-}
-
 /// The model's raw outputs for one row, by meaning.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelOutputs {

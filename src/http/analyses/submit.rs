@@ -108,7 +108,11 @@ pub async fn create(
             "wait applies to one JSON analysis, not to a CSV batch".into(),
         ));
     }
-    let request_sha256 = request_digest(kind, &params, &bytes);
+    // Only a keyed request needs its identity; the common case skips hashing the body.
+    let request_sha256 = key
+        .as_ref()
+        .map(|_| request_digest(kind, &params, &bytes))
+        .unwrap_or_default();
     if let Some(key) = &key
         && let Some(stored) = repo::idempotency::find(&state.pool, &principal.tenant, key).await?
     {
