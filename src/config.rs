@@ -50,6 +50,9 @@ pub struct Config {
     pub worker_poll_ms: u64,
     /// How long a worker that found fewer jobs than the batch size waits for more before running.
     pub worker_batch_wait_ms: u64,
+    /// In `serve` (a worker in the same process), run a single JSON case whose submitter waits
+    /// (`?wait=`) right away and store it finished, instead of queueing it.
+    pub worker_inline: bool,
     /// Attempts per analysis before it fails for good.
     pub worker_max_attempts: u32,
     /// First retry delay; doubles per attempt (with jitter), capped at 5 minutes.
@@ -100,6 +103,7 @@ impl Default for Config {
             worker_lease_secs: 60,
             worker_poll_ms: 500,
             worker_batch_wait_ms: 0,
+            worker_inline: true,
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,
             max_wait_secs: 50,

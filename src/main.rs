@@ -8,6 +8,11 @@ use onkos::config::Config;
 use onkos::db::Database;
 use std::path::PathBuf;
 
+/// The service allocates many small, short-lived JSON values per request; mimalloc serves them with
+/// far less contention and bookkeeping than the system allocator (measured in BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "onkos",

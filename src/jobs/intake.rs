@@ -1,15 +1,19 @@
-//! Intake: group commit for submissions. Concurrent submissions queue here and one task writes
-//! whatever has queued up — one transaction, one statement per table — instead of a transaction
-//! each. Under load that cuts the database work per analysis several-fold; when idle a batch is a
-//! single submission, so nothing waits for company.
+//! Intake: group commit for submissions. Concurrent submissions queue here and a few writer tasks
+//! each take whatever has queued up and write it — one transaction, one statement per table —
+//! instead of a transaction each. Under load that cuts the database work per analysis several-fold;
+//! when idle a group is a single submission, so nothing waits for company.
 
 use crate::repo;
 use crate::repo::analyses::{NewAnalysis, Submission};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Most submissions written by one transaction.
 const MAX_GROUP: usize = 256;
+/// Transactions in flight at once: while one waits for its commit to reach the disk, the next
+/// group is already being written.
+const WRITERS: usize = 4;
 
 /// Why a submission was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,27 +36,32 @@ impl From<sqlx::Error> for IntakeError {
     }
 }
 
-type Reply = oneshot::Sender<Result<(), IntakeError>>;
+/// The stored analyses are handed back, so that the caller can answer from them.
+type Reply = oneshot::Sender<Result<Vec<NewAnalysis>, IntakeError>>;
+type Entry = (Submission, Vec<NewAnalysis>, Reply);
 
 #[derive(Debug, Clone)]
 pub struct Intake {
-    queue: mpsc::Sender<(Submission, Vec<NewAnalysis>, Reply)>,
+    queue: mpsc::Sender<Entry>,
 }
 
 impl Intake {
     /// Starts the writer task; it ends when the last `Intake` handle is dropped.
     pub fn start(pool: PgPool) -> Self {
         let (queue, incoming) = mpsc::channel(4 * MAX_GROUP);
-        tokio::spawn(write_groups(pool, incoming));
+        let incoming = Arc::new(Mutex::new(incoming));
+        for _ in 0..WRITERS {
+            tokio::spawn(write_groups(pool.clone(), Arc::clone(&incoming)));
+        }
         Self { queue }
     }
 
-    /// Stores the analyses and their jobs; returns once they are committed.
+    /// Stores the analyses and their jobs; returns them once they are committed.
     pub async fn submit(
         &self,
         submission: Submission,
         analyses: Vec<NewAnalysis>,
-    ) -> Result<(), IntakeError> {
+    ) -> Result<Vec<NewAnalysis>, IntakeError> {
         let (reply, committed) = oneshot::channel();
         self.queue
             .send((submission, analyses, reply))
@@ -64,12 +73,10 @@ impl Intake {
     }
 }
 
-async fn write_groups(
-    pool: PgPool,
-    mut incoming: mpsc::Receiver<(Submission, Vec<NewAnalysis>, Reply)>,
-) {
+async fn write_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
-    while incoming.recv_many(&mut group, MAX_GROUP).await > 0 {
+    // A writer takes whatever has queued up while it was busy; the others wait their turn.
+    while incoming.lock().await.recv_many(&mut group, MAX_GROUP).await > 0 {
         match write(&pool, &group).await {
             Ok(()) => reply_all(&mut group, &Ok(())),
             Err(e) if group.len() == 1 => reply_all(&mut group, &Err(e.into())),
@@ -80,6 +87,7 @@ async fn write_groups(
                 for entry in group.drain(..) {
                     let outcome = write(&pool, std::slice::from_ref(&entry))
                         .await
+                        .map(|()| entry.1)
                         .map_err(IntakeError::from);
                     // The caller may have gone (client disconnected); the rows are stored regardless.
                     let _ = entry.2.send(outcome);
@@ -89,16 +97,13 @@ async fn write_groups(
     }
 }
 
-fn reply_all(
-    group: &mut Vec<(Submission, Vec<NewAnalysis>, Reply)>,
-    outcome: &Result<(), IntakeError>,
-) {
-    for (_, _, reply) in group.drain(..) {
-        let _ = reply.send(outcome.clone());
+fn reply_all(group: &mut Vec<Entry>, outcome: &Result<(), IntakeError>) {
+    for (_, analyses, reply) in group.drain(..) {
+        let _ = reply.send(outcome.clone().map(|()| analyses));
     }
 }
 
-async fn write(pool: &PgPool, group: &[(Submission, Vec<NewAnalysis>, Reply)]) -> sqlx::Result<()> {
+async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
     let rows: Vec<(&Submission, &[NewAnalysis])> =
         group.iter().map(|(s, a, _)| (s, a.as_slice())).collect();
     let mut tx = pool.begin().await?;

@@ -241,9 +241,16 @@ impl Worker {
                 }
                 Ok((encoded, flags)) => match outputs.next() {
                     Some(Ok(row)) => {
-                        match result_document(
-                            &model, job, &row, &encoded, flags, infer_ms, batch_size,
-                        ) {
+                        let queue_wait_ms = job.started_at.map_or(0.0, |s| {
+                            (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
+                        });
+                        let timings = Timings {
+                            queue_wait_ms,
+                            infer_ms,
+                            batch_size,
+                            dispatch: "queue",
+                        };
+                        match result_document(&model, &row, &encoded, flags, &timings) {
                             Ok((result, timings)) => Attempt::Done { result, timings },
                             Err(e) => Attempt::Permanent(e),
                         }
@@ -364,22 +371,49 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
     Some(listener)
 }
 
-/// The stored result and timings of one job.
+/// Where an analysis's time went, as stored with its result.
+struct Timings {
+    queue_wait_ms: f64,
+    infer_ms: f64,
+    batch_size: usize,
+    /// `queue` (claimed by a worker) or `inline` (run while its submitter waited).
+    dispatch: &'static str,
+}
+
+/// The stored result and timings of one analysis.
 fn result_document(
     model: &LoadedModel,
-    job: &ClaimedJob,
     outputs: &ModelOutputs,
     encoded: &[f64],
     flags: Vec<RangeFlag>,
-    infer_ms: f64,
-    batch_size: usize,
+    t: &Timings,
 ) -> Result<(Value, Value), String> {
     let result = crate::domain::result::build(&model.manifest, outputs, encoded, flags)?;
-    let queue_wait_ms = job.started_at.map_or(0.0, |s| {
-        (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
-    });
     let document = serde_json::to_value(result).map_err(|e| e.to_string())?;
-    let timings =
-        json!({ "queue_wait_ms": queue_wait_ms, "infer_ms": infer_ms, "batch_size": batch_size });
+    let timings = json!({ "queue_wait_ms": t.queue_wait_ms, "infer_ms": t.infer_ms,
+                          "batch_size": t.batch_size, "dispatch": t.dispatch });
     Ok((document, timings))
+}
+
+/// Runs one checked input now, outside the queue, for a submitter who waits for it: the result
+/// document and timings, or why it could not be produced (the analysis is then queued instead,
+/// and a worker retries it). Blocking: call it off the async threads.
+pub fn run_inline(
+    model: &LoadedModel,
+    encoded: &[f64],
+    flags: Vec<RangeFlag>,
+) -> Result<(Value, Value), String> {
+    let started = Instant::now();
+    let outputs = model.onnx.predict(encoded).map_err(|e| format!("{e:#}"))?;
+    let infer_ms = started.elapsed().as_secs_f64() * 1e3;
+    let row = outputs
+        .first()
+        .ok_or("the model returned no row for the input")?;
+    let timings = Timings {
+        queue_wait_ms: 0.0,
+        infer_ms,
+        batch_size: 1,
+        dispatch: "inline",
+    };
+    result_document(model, row, encoded, flags, &timings)
 }

@@ -15,6 +15,20 @@ pub struct NewAnalysis {
     pub input: Value,
     pub input_sha256: String,
     pub validate_ms: f64,
+    /// Set when the analysis was run while its submitter waited: it is stored finished, with no job.
+    pub finished: Option<Finished>,
+}
+
+/// An analysis run inline, before it was stored: stored already succeeded, with its result, and
+/// the delivery of that result to the waiting submitter recorded as a read.
+#[derive(Debug)]
+pub struct Finished {
+    pub result: Value,
+    pub timings: Value,
+    pub execution_provider: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
 }
 
 /// What all analyses of one submission share.
@@ -30,9 +44,10 @@ pub struct Submission {
     pub max_attempts: i32,
 }
 
-/// Writes the analyses of one or more submissions and their jobs inside the caller's transaction,
-/// with one statement per table, and wakes the workers at commit: either every row exists and a
-/// worker will see it, or none does.
+/// Writes the analyses of one or more submissions inside the caller's transaction, with one
+/// statement per table: either every row exists, or none does. Queued analyses get a job and the
+/// workers are woken at commit; finished ones (run inline) get their result and the read by their
+/// submitter in the audit trail instead.
 pub async fn insert_with_jobs(
     tx: &mut PgConnection,
     groups: &[(&Submission, &[NewAnalysis])],
@@ -45,49 +60,116 @@ pub async fn insert_with_jobs(
         rows.iter().map(|(s, a)| f(s, a)).collect::<Vec<String>>()
     };
     let ids: Vec<Uuid> = rows.iter().map(|(_, a)| a.id.0).collect();
-    let tenants = column(&|s, _| s.tenant.as_str().to_owned());
-    let models = column(&|s, _| s.model_name.clone());
-    let priorities = column(&|s, _| s.priority.as_str().to_owned());
     let subjects: Vec<Option<String>> = rows.iter().map(|(_, a)| a.subject.clone()).collect();
     let batches: Vec<Option<Uuid>> = rows.iter().map(|(s, _)| s.batch_id).collect();
-    let ranks: Vec<i16> = rows.iter().map(|(s, _)| s.priority.queue_rank()).collect();
-    let attempts: Vec<i32> = rows.iter().map(|(s, _)| s.max_attempts).collect();
     let inputs: Vec<Value> = rows.iter().map(|(_, a)| a.input.clone()).collect();
     let validate_ms: Vec<f64> = rows.iter().map(|(_, a)| a.validate_ms).collect();
+    let finished = |f: &dyn Fn(&Finished) -> DateTime<Utc>| {
+        rows.iter()
+            .map(|(_, a)| a.finished.as_ref().map(f))
+            .collect::<Vec<Option<DateTime<Utc>>>>()
+    };
+    let statuses = column(&|_, a| {
+        if a.finished.is_some() {
+            "succeeded"
+        } else {
+            "queued"
+        }
+        .to_owned()
+    });
     sqlx::query!(
         "insert into analyses (id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
-                               priority, input, input_sha256, validate_ms, batch_id)
-         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                              $8::text[], $9::jsonb[], $10::text[], $11::float8[], $12::uuid[])",
+                               priority, input, input_sha256, validate_ms, batch_id, status,
+                               created_at, started_at, finished_at)
+         select t.id, t.tenant_id, t.submitted_by, t.subject, t.model_name, t.model_version, t.model_sha256,
+                t.priority, t.input, t.input_sha256, t.validate_ms, t.batch_id, t.status,
+                coalesce(t.created_at, now()), t.started_at, t.finished_at
+         from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::jsonb[], $10::text[], $11::float8[], $12::uuid[], $13::text[],
+                     $14::timestamptz[], $15::timestamptz[], $16::timestamptz[])
+              as t(id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
+                   priority, input, input_sha256, validate_ms, batch_id, status,
+                   created_at, started_at, finished_at)",
         &ids,
-        &tenants,
+        &column(&|s, _| s.tenant.as_str().to_owned()),
         &column(&|s, _| s.submitted_by.clone()),
         &subjects as &[Option<String>],
-        &models,
+        &column(&|s, _| s.model_name.clone()),
         &column(&|s, _| s.model_version.clone()),
         &column(&|s, _| s.model_sha256.clone()),
-        &priorities,
+        &column(&|s, _| s.priority.as_str().to_owned()),
         &inputs,
         &column(&|_, a| a.input_sha256.clone()),
         &validate_ms,
         &batches as &[Option<Uuid>],
+        &statuses,
+        &finished(&|f| f.created_at) as &[Option<DateTime<Utc>>],
+        &finished(&|f| f.started_at) as &[Option<DateTime<Utc>>],
+        &finished(&|f| f.finished_at) as &[Option<DateTime<Utc>>],
     )
     .execute(&mut *tx)
     .await?;
-    sqlx::query!(
-        "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts)
-         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[])",
-        &ids,
-        &tenants,
-        &models,
-        &ranks,
-        &attempts,
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!("select pg_notify($1, '')", super::JOBS_CHANNEL)
+    let (queued, done): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, a)| a.finished.is_none());
+    if !queued.is_empty() {
+        let column = |f: &dyn Fn(&Submission) -> String| {
+            queued.iter().map(|(s, _)| f(s)).collect::<Vec<String>>()
+        };
+        let ids: Vec<Uuid> = queued.iter().map(|(_, a)| a.id.0).collect();
+        let ranks: Vec<i16> = queued
+            .iter()
+            .map(|(s, _)| s.priority.queue_rank())
+            .collect();
+        let attempts: Vec<i32> = queued.iter().map(|(s, _)| s.max_attempts).collect();
+        sqlx::query!(
+            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts)
+             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[])",
+            &ids,
+            &column(&|s| s.tenant.as_str().to_owned()),
+            &column(&|s| s.model_name.clone()),
+            &ranks,
+            &attempts,
+        )
         .execute(&mut *tx)
         .await?;
+        sqlx::query!("select pg_notify($1, '')", super::JOBS_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !done.is_empty() {
+        let ids: Vec<Uuid> = done.iter().map(|(_, a)| a.id.0).collect();
+        let tenants: Vec<String> = done
+            .iter()
+            .map(|(s, _)| s.tenant.as_str().to_owned())
+            .collect();
+        let readers: Vec<String> = done.iter().map(|(s, _)| s.submitted_by.clone()).collect();
+        let finished: Vec<&Finished> = done
+            .iter()
+            .filter_map(|(_, a)| a.finished.as_ref())
+            .collect();
+        let results: Vec<Value> = finished.iter().map(|f| f.result.clone()).collect();
+        let timings: Vec<Value> = finished.iter().map(|f| f.timings.clone()).collect();
+        let providers: Vec<String> = finished
+            .iter()
+            .map(|f| f.execution_provider.clone())
+            .collect();
+        sqlx::query!(
+            "with stored as (
+                 insert into results (analysis_id, tenant_id, result, timings, execution_provider)
+                 select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[])
+             )
+             insert into audit_events (tenant_id, actor, action, target_type, target_id)
+             select t.tenant_id, t.actor, 'analysis.read', 'analysis', t.id::text
+             from unnest($1::uuid[], $2::text[], $6::text[]) as t(id, tenant_id, actor)",
+            &ids,
+            &tenants,
+            &results,
+            &timings,
+            &providers,
+            &readers,
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Submitting features, stepping the worker and reading the structured result.
 
-use crate::helpers::{MODEL, TestApp, assert_problem, manifest, reference_rows};
+use crate::helpers::{MODEL, TestApp, assert_problem, class_probability, manifest, reference_rows};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -30,16 +30,8 @@ async fn a_json_case_gets_the_training_scripts_probability_and_a_traceable_resul
             .await
             .unwrap();
         assert_eq!(analysis["status"], "succeeded", "{analysis}");
-        let predictions = analysis["result"]["predictions"].as_array().unwrap();
-        let malignant = predictions
-            .iter()
-            .find(|p| p["label"] == "malignant")
-            .unwrap()["probability"]
-            .as_f64()
-            .unwrap();
-        let benign = predictions.iter().find(|p| p["label"] == "benign").unwrap()["probability"]
-            .as_f64()
-            .unwrap();
+        let malignant = class_probability(&analysis, "malignant");
+        let benign = class_probability(&analysis, "benign");
         let expected = row["expected"]["probability"].as_f64().unwrap();
         assert!(
             (malignant - expected).abs() < 1e-5,

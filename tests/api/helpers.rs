@@ -282,3 +282,15 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     );
     problem
 }
+
+/// The probability a classification result gives `label`.
+pub fn class_probability(analysis: &Value, label: &str) -> f64 {
+    analysis["result"]["predictions"]
+        .as_array()
+        .expect("a classification result")
+        .iter()
+        .find(|p| p["label"] == label)
+        .unwrap_or_else(|| panic!("no prediction for {label}"))["probability"]
+        .as_f64()
+        .unwrap()
+}

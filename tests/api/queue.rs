@@ -2,7 +2,9 @@
 //! idempotent submission and long polls. Time is moved by editing the queue's clocks, never by
 //! sleeping.
 
-use crate::helpers::{MODEL, TestApp, assert_problem, reference_rows, test_config};
+use crate::helpers::{
+    MODEL, TestApp, assert_problem, class_probability, reference_rows, test_config,
+};
 use onkos::app::Application;
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -495,4 +497,97 @@ async fn a_separate_onkos_worker_process_runs_the_queue_of_the_api() {
     );
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
+}
+
+// Inline runs: in `serve` (a worker in the process), a single case whose submitter waits is run at
+// once and stored finished, with no job.
+
+#[tokio::test]
+async fn serve_runs_a_waiting_case_inline_and_stores_it_finished_with_its_read() {
+    let app = TestApp::spawn_with(|c| c.worker = true).await;
+    let token = app.token("oslo", "submitter");
+    let response = app
+        .post_json("/v1/analyses?wait=20s", &token, &case())
+        .await;
+    assert_eq!(response.status(), 200);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let delivered: Value = response.json().await.unwrap();
+    assert_eq!(delivered["status"], "succeeded", "{delivered}");
+    assert_eq!(delivered["timings"]["dispatch"], "inline");
+    assert_eq!(delivered["timings"]["batch_size"], 1);
+    let expected = reference_rows()[0]["expected"]["probability"]
+        .as_f64()
+        .unwrap();
+    let malignant = class_probability(&delivered, "malignant");
+    assert!(
+        (malignant - expected).abs() < 1e-5,
+        "{malignant} vs {expected}"
+    );
+    // Stored in one transaction: the analysis (finished), its result and the delivery as a read;
+    // no job was queued.
+    assert_eq!(
+        (
+            app.rows("analyses").await,
+            app.rows("results").await,
+            app.rows("audit_events").await,
+            app.rows("jobs").await
+        ),
+        (1, 1, 1, 0)
+    );
+    let actor: (String, String) = sqlx::query_as("select actor, action from audit_events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(actor, ("tester".into(), "analysis.read".into()));
+    // What was answered is what is stored.
+    let stored: Value = app.get(&location, &token).await.json().await.unwrap();
+    assert_eq!(stored, delivered);
+    let times: Vec<_> = ["created_at", "started_at", "finished_at"]
+        .iter()
+        .map(|k| chrono::DateTime::parse_from_rfc3339(stored[k].as_str().unwrap()).unwrap())
+        .collect();
+    assert!(times[0] <= times[1] && times[1] <= times[2], "{times:?}");
+}
+
+#[tokio::test]
+async fn without_inline_runs_a_waiting_case_goes_through_the_queue_and_the_worker() {
+    let app = TestApp::spawn_with(|c| {
+        c.worker = true;
+        c.worker_inline = false;
+    })
+    .await;
+    let token = app.token("oslo", "submitter");
+    let response = app
+        .post_json("/v1/analyses?wait=20s", &token, &case())
+        .await;
+    assert_eq!(response.status(), 200);
+    let analysis: Value = response.json().await.unwrap();
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    assert_eq!(analysis["timings"]["dispatch"], "queue");
+    assert_eq!(app.rows("jobs").await, 1);
+}
+
+#[tokio::test]
+async fn a_case_submitted_without_waiting_is_queued_even_in_serve() {
+    let app = TestApp::spawn_with(|c| {
+        c.worker = true;
+        c.worker_poll_ms = 3_600_000;
+    })
+    .await;
+    let token = app.token("oslo", "submitter");
+    let response = app.post_json("/v1/analyses", &token, &case()).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(app.rows("jobs").await, 1);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let analysis: Value = app
+        .get(&format!("/v1/analyses/{id}?wait=20s"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(analysis["status"], "succeeded");
+    assert_eq!(analysis["timings"]["dispatch"], "queue");
 }

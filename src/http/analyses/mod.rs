@@ -63,6 +63,9 @@ pub struct Timings {
     pub infer_ms: Option<f64>,
     /// How many analyses shared that inference call.
     pub batch_size: Option<u32>,
+    /// How the analysis was run: `queue` (claimed from the queue by a worker, batched with others)
+    /// or `inline` (run at submission while its submitter waited, and stored finished).
+    pub dispatch: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -156,6 +159,12 @@ pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<
             queue_wait_ms: timing("queue_wait_ms"),
             infer_ms: timing("infer_ms"),
             batch_size: timing("batch_size").map(|b| b as u32),
+            dispatch: r
+                .timings
+                .as_ref()
+                .and_then(|t| t.get("dispatch"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
         },
         execution_provider: r.execution_provider,
         result,

@@ -7,14 +7,14 @@ use super::{AnalysisAccepted, AnalysisView, BatchAccepted, CreateAnalysisRequest
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
-use crate::domain::contract::{FieldError, ValidFeatures};
+use crate::domain::contract::{FieldError, RangeFlag, ValidFeatures};
 use crate::domain::ids::AnalysisId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::http::extract::{BodyKind, body_bytes, body_kind, json_object};
 use crate::jobs::intake::IntakeError;
 use crate::registry::LoadedModel;
 use crate::repo;
-use crate::repo::analyses::{NewAnalysis, Submission};
+use crate::repo::analyses::{AnalysisRecord, Finished, NewAnalysis, Submission};
 use crate::repo::idempotency::StoredAnswer;
 use axum::Json;
 use axum::body::Bytes;
@@ -22,6 +22,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use chrono::{SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -53,6 +54,8 @@ struct Prepared {
     priority: Priority,
     batch_id: Option<Uuid>,
     analyses: Vec<NewAnalysis>,
+    /// JSON only: the case's model input row and its out-of-training-range flags, to run it inline.
+    row: Option<(Vec<f64>, Vec<RangeFlag>)>,
 }
 
 /// Queue one analysis (JSON) or a batch (CSV).
@@ -119,7 +122,7 @@ pub async fn create(
         return replay(stored, &request_sha256);
     }
 
-    let prepared = match kind {
+    let mut prepared = match kind {
         BodyKind::Json => {
             if params.model.is_some() || params.priority.is_some() {
                 return Err(ApiError::BadRequest("model and priority go in the JSON body; the query parameters are for CSV batches".into()));
@@ -152,15 +155,22 @@ pub async fn create(
         max_attempts: state.retry_max_attempts(),
     };
     let first_id = prepared.analyses[0].id;
+    // A waiting submitter of one case on a process with a worker: run it now (microseconds for a
+    // feature model) and store it finished; the answer then needs no queue, wake-up or read.
+    let inline = wait.is_some() && state.config.worker && state.config.worker_inline;
+    if inline && let Some((encoded, flags)) = prepared.row.take() {
+        prepared.analyses[0].finished = run_inline(&state, &prepared.model, encoded, flags).await;
+    }
+    let finished = prepared.analyses[0].finished.is_some();
     // Subscribed before the commit, so that a worker finishing at once is not missed.
-    let done =
-        (wait.is_some() && prepared.batch_id.is_none()).then(|| state.completions.subscribe());
+    let done = (wait.is_some() && prepared.batch_id.is_none() && !finished)
+        .then(|| state.completions.subscribe());
     let count = prepared.analyses.len();
-    match &key {
+    let stored = match &key {
         // The common case goes through the group commit.
         None => state
             .intake
-            .submit(submission, prepared.analyses)
+            .submit(submission.clone(), prepared.analyses)
             .await
             .map_err(|e| match e {
                 IntakeError::Unavailable => {
@@ -190,9 +200,21 @@ pub async fn create(
                 return replay(stored, &request_sha256);
             }
             tx.commit().await?;
+            prepared.analyses
         }
+    };
+    tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, finished, "analyses stored");
+    if finished {
+        // Answered from what was just committed, as a read of it would return it.
+        let record = finished_record(
+            &submission,
+            stored.into_iter().next().unwrap_or_else(|| unreachable!()),
+        );
+        return Ok(with_location(
+            (StatusCode::OK, Json(view(&state, record).await?)).into_response(),
+            &location,
+        ));
     }
-    tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, "analyses queued");
     if let (Some(wait), Some(done)) = (wait, done) {
         let record = read_when_final(&state, &principal, first_id, wait, done, true).await?;
         if !matches!(
@@ -210,11 +232,78 @@ pub async fn create(
 }
 
 fn accepted(answer: Value, location: &str) -> Response {
-    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    with_location(
+        (StatusCode::ACCEPTED, Json(answer)).into_response(),
+        location,
+    )
+}
+
+fn with_location(mut response: Response, location: &str) -> Response {
     if let Ok(value) = location.parse() {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
+}
+
+/// Runs the case now. `None` when that fails: the analysis is then queued, and the worker's
+/// retries and error reporting take over.
+async fn run_inline(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+    encoded: Vec<f64>,
+    flags: Vec<RangeFlag>,
+) -> Option<Finished> {
+    // Postgres keeps microseconds: the answer must show the times a later read will.
+    let now = || Utc::now().trunc_subsecs(6);
+    let created_at = now();
+    let model = Arc::clone(model);
+    let run = tokio::task::spawn_blocking(move || {
+        let started_at = now();
+        let outcome = crate::jobs::worker::run_inline(&model, &encoded, flags);
+        (started_at, outcome, now())
+    });
+    match run.await {
+        Ok((started_at, Ok((result, timings)), finished_at)) => Some(Finished {
+            result,
+            timings,
+            execution_provider: state.registry.provider().to_owned(),
+            created_at,
+            started_at,
+            finished_at,
+        }),
+        Ok((_, Err(e), _)) => {
+            tracing::warn!(error = %e, "inline run failed; the analysis goes to the queue");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inline run died; the analysis goes to the queue");
+            None
+        }
+    }
+}
+
+/// The stored form of an analysis that was stored finished.
+fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRecord {
+    let finished = analysis.finished;
+    AnalysisRecord {
+        id: analysis.id.0,
+        subject: analysis.subject,
+        model_name: submission.model_name.clone(),
+        model_version: submission.model_version.clone(),
+        model_sha256: submission.model_sha256.clone(),
+        priority: submission.priority.as_str().to_owned(),
+        status: Status::Succeeded.as_str().to_owned(),
+        input_sha256: analysis.input_sha256,
+        error: None,
+        validate_ms: analysis.validate_ms,
+        created_at: finished.as_ref().map_or_else(Utc::now, |f| f.created_at),
+        started_at: finished.as_ref().map(|f| f.started_at),
+        finished_at: finished.as_ref().map(|f| f.finished_at),
+        batch_id: submission.batch_id,
+        execution_provider: finished.as_ref().map(|f| f.execution_provider.clone()),
+        timings: finished.as_ref().map(|f| f.timings.clone()),
+        result: finished.map(|f| f.result),
+    }
 }
 
 fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {
@@ -347,16 +436,21 @@ fn prepare_json(body: &Map<String, Value>, model: Option<Resolved>) -> ApiResult
             return Err(ApiError::Validation(errors));
         }
     };
-    let valid = model
+    let mut valid = model
         .manifest
         .validate_features(features)
         .map_err(ApiError::Validation)?;
+    let row = (
+        std::mem::take(&mut valid.encoded),
+        std::mem::take(&mut valid.outside_training_range),
+    );
     let analysis = new_analysis(valid, subject, started.elapsed().as_secs_f64() * 1e3);
     Ok(Prepared {
         model,
         priority,
         batch_id: None,
         analyses: vec![analysis],
+        row: Some(row),
     })
 }
 
@@ -451,6 +545,7 @@ fn prepare_csv(
         priority: params.priority.unwrap_or_default(),
         batch_id: Some(Uuid::now_v7()),
         analyses,
+        row: None,
     })
 }
 
@@ -517,5 +612,6 @@ fn new_analysis(valid: ValidFeatures, subject: Option<&str>, validate_ms: f64) -
         input: Value::Object(valid.canonical),
         input_sha256: valid.digest,
         validate_ms,
+        finished: None,
     }
 }
