@@ -4,6 +4,7 @@ use crate::domain::analysis::Priority;
 use crate::domain::ids::{AnalysisId, TenantId};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -62,7 +63,7 @@ pub async fn insert_with_jobs(
     let ids: Vec<Uuid> = rows.iter().map(|(_, a)| a.id.0).collect();
     let subjects: Vec<Option<String>> = rows.iter().map(|(_, a)| a.subject.clone()).collect();
     let batches: Vec<Option<Uuid>> = rows.iter().map(|(s, _)| s.batch_id).collect();
-    let inputs: Vec<Value> = rows.iter().map(|(_, a)| a.input.clone()).collect();
+    let inputs: Vec<Json<&Value>> = rows.iter().map(|(_, a)| Json(&a.input)).collect();
     let validate_ms: Vec<f64> = rows.iter().map(|(_, a)| a.validate_ms).collect();
     let finished = |f: &dyn Fn(&Finished) -> DateTime<Utc>| {
         rows.iter()
@@ -98,7 +99,7 @@ pub async fn insert_with_jobs(
         &column(&|s, _| s.model_version.clone()),
         &column(&|s, _| s.model_sha256.clone()),
         &column(&|s, _| s.priority.as_str().to_owned()),
-        &inputs,
+        &inputs as &[Json<&Value>],
         &column(&|_, a| a.input_sha256.clone()),
         &validate_ms,
         &batches as &[Option<Uuid>],
@@ -146,8 +147,8 @@ pub async fn insert_with_jobs(
             .iter()
             .filter_map(|(_, a)| a.finished.as_ref())
             .collect();
-        let results: Vec<Value> = finished.iter().map(|f| f.result.clone()).collect();
-        let timings: Vec<Value> = finished.iter().map(|f| f.timings.clone()).collect();
+        let results: Vec<Json<&Value>> = finished.iter().map(|f| Json(&f.result)).collect();
+        let timings: Vec<Json<&Value>> = finished.iter().map(|f| Json(&f.timings)).collect();
         let providers: Vec<String> = finished
             .iter()
             .map(|f| f.execution_provider.clone())
@@ -162,8 +163,8 @@ pub async fn insert_with_jobs(
              from unnest($1::uuid[], $2::text[], $6::text[]) as t(id, tenant_id, actor)",
             &ids,
             &tenants,
-            &results,
-            &timings,
+            &results as &[Json<&Value>],
+            &timings as &[Json<&Value>],
             &providers,
             &readers,
         )

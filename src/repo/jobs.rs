@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -219,8 +220,8 @@ pub async fn complete_batch(
 ) -> sqlx::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = successes.iter().map(|s| s.job.analysis_id).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.job.attempts).collect();
-    let results: Vec<Value> = successes.iter().map(|s| s.result.clone()).collect();
-    let timings: Vec<Value> = successes.iter().map(|s| s.timings.clone()).collect();
+    let results: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.result)).collect();
+    let timings: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.timings)).collect();
     sqlx::query_scalar!(
         r#"with done as (
                update jobs j set state = 'done', lease_owner = null, lease_expires_at = null, last_error = null
@@ -241,8 +242,8 @@ pub async fn complete_batch(
         worker,
         &ids,
         &attempts,
-        &results,
-        &timings,
+        &results as &[Json<&Value>],
+        &timings as &[Json<&Value>],
         execution_provider,
     )
     .fetch_all(&mut *tx)
