@@ -29,6 +29,8 @@ pub struct App {
     pub completions: Completions,
     /// Group commit for submissions.
     pub intake: Intake,
+    /// Model files and slides.
+    pub blobs: BlobStore,
 }
 
 impl App {
@@ -74,8 +76,9 @@ impl Application {
             threads: config.inference_threads,
         };
         let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
-        let registry =
-            Arc::new(Registry::open(pool.clone(), blobs, options, &config.models_dir).await?);
+        let registry = Arc::new(
+            Registry::open(pool.clone(), blobs.clone(), options, &config.models_dir).await?,
+        );
         tracing::info!(provider = registry.provider(), "execution provider");
         let verifier = Verifier::from_config(&config)?;
         let listener = TcpListener::bind(config.listen_addr())
@@ -91,6 +94,7 @@ impl Application {
             verifier,
             completions,
             intake,
+            blobs,
         }));
         Ok(Self {
             listener,

@@ -37,6 +37,10 @@ pub struct Config {
     pub body_limit_bytes: usize,
     /// Largest model upload (`POST /v1/models`, multipart).
     pub model_upload_limit_bytes: usize,
+    /// Largest slide file `POST /v1/slides` accepts (streamed to disk, never held in memory).
+    pub slide_upload_limit_bytes: u64,
+    /// How long one slide upload may take (the general request timeout is too short for gigabytes).
+    pub slide_upload_timeout_secs: u64,
     pub models_dir: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.x`).
     pub ort_dylib_path: Option<PathBuf>,
@@ -94,6 +98,8 @@ impl Default for Config {
             request_timeout_secs: 60,
             body_limit_bytes: 1024 * 1024,
             model_upload_limit_bytes: 512 * 1024 * 1024,
+            slide_upload_limit_bytes: 20 * 1024 * 1024 * 1024,
+            slide_upload_timeout_secs: 3600,
             models_dir: "./models".into(),
             ort_dylib_path: None,
             execution_provider: "auto".into(),
@@ -194,6 +200,14 @@ impl Config {
                 u64::from(self.db_max_connections),
             ),
             ("ONKOS_REQUEST_TIMEOUT_SECS", self.request_timeout_secs),
+            (
+                "ONKOS_SLIDE_UPLOAD_LIMIT_BYTES",
+                self.slide_upload_limit_bytes,
+            ),
+            (
+                "ONKOS_SLIDE_UPLOAD_TIMEOUT_SECS",
+                self.slide_upload_timeout_secs,
+            ),
             ("ONKOS_BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
             ("ONKOS_INFERENCE_THREADS", self.inference_threads as u64),
             ("ONKOS_WORKER_BATCH_SIZE", u64::from(self.worker_batch_size)),

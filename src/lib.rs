@@ -16,4 +16,5 @@ pub mod jobs;
 pub mod registry;
 pub mod repo;
 pub mod shutdown;
+pub mod slides;
 pub mod storage;

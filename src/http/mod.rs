@@ -6,6 +6,7 @@ pub mod extract;
 pub mod health;
 pub mod models;
 pub mod openapi;
+pub mod slides;
 
 use crate::app::AppState;
 use crate::error::{ApiError, PROBLEM_JSON};
@@ -15,6 +16,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, middleware};
+use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -52,21 +54,33 @@ pub fn router(state: AppState) -> Router {
             "/v1/models/{name}/versions/{version}/retire",
             post(models::retire),
         )
+        .route("/v1/slides/{id}", get(slides::get))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(state.clone());
+    // Slides stream for as long as gigabytes take, under their own size limit (checked while
+    // streaming) and timeout.
+    let uploads = Router::new()
+        .route("/v1/slides", post(slides::upload))
+        .layer(DefaultBodyLimit::disable())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(state.config.slide_upload_timeout_secs),
+        ))
         .with_state(state);
     let docs = SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi_document());
     Router::new()
         .merge(docs)
         .merge(api)
+        .merge(uploads)
         .layer(middleware::map_response(problem_for_bare_errors))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             // Named by route template, not the raw path, to keep span cardinality low.

@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers; served at `/openapi.json` and committed
 //! at `openapi/openapi.json` (a test keeps the two equal).
 
-use crate::http::{analyses, health, models};
+use crate::http::{analyses, health, models, slides};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -25,6 +25,8 @@ use utoipa::{Modify, OpenApi};
         models::register,
         models::activate,
         models::retire,
+        slides::upload,
+        slides::get,
         health::healthz,
         health::readyz
     ),
@@ -33,6 +35,7 @@ use utoipa::{Modify, OpenApi};
     tags(
         (name = "analyses", description = "Submit analyses and read their results"),
         (name = "models", description = "The model catalogue: cards, input contracts, versions"),
+        (name = "slides", description = "Whole-slide images: streamed upload, format and pyramid as read from the file"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod idempotency;
 pub mod jobs;
 pub mod models;
+pub mod slides;
 
 /// The channel the API notifies when it queues work; workers LISTEN on it.
 pub const JOBS_CHANNEL: &str = "onkos_jobs";

@@ -11,5 +11,6 @@ mod models;
 mod openapi;
 mod queue;
 mod registry;
+mod slides;
 mod startup;
 mod tenancy;
