@@ -1,6 +1,8 @@
 //! Whole-slide images: recognising a file's format from its first bytes, and reading its pyramid
 //! (levels, tile sizes), resolution (µm per pixel) and objective from its TIFF structure.
 
+pub mod read;
+
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};
 use tiff::decoder::Decoder;
@@ -106,7 +108,7 @@ pub fn inspect(file: impl Read + Seek) -> Result<SlideInfo, SlideError> {
     } else {
         ("generic-tiff", None)
     };
-    let levels = pyramid(&directories);
+    let levels: Vec<Level> = pyramid(&directories).into_iter().map(|(_, l)| l).collect();
     if levels.len() < 2 && levels[0].tile_width.is_none() {
         return Err(SlideError::Invalid(
             "not a whole-slide image: a single image stored in strips, neither tiled nor pyramidal"
@@ -196,7 +198,7 @@ fn number<R: Read + Seek>(d: &mut Decoder<R>, tag: Tag) -> Option<f64> {
 /// The directories that are levels of the level-0 image: the same aspect ratio, stored the same
 /// way (tiled or not), and, when a resolution is stated, one that scales with the size or is level
 /// 0's own. This leaves out thumbnails, labels, macro pictures and maps.
-fn pyramid(directories: &[Directory]) -> Vec<Level> {
+fn pyramid(directories: &[Directory]) -> Vec<(usize, Level)> {
     let base = &directories[0];
     let level = |d: &Directory| Level {
         width: d.width,
@@ -205,9 +207,10 @@ fn pyramid(directories: &[Directory]) -> Vec<Level> {
         tile_width: d.tile.map(|t| t.0),
         tile_height: d.tile.map(|t| t.1),
     };
-    let mut levels = vec![level(base)];
-    for d in &directories[1..] {
-        if d.width == 0 || d.height == 0 || d.width >= levels.last().map_or(u32::MAX, |l| l.width) {
+    let mut levels = vec![(0, level(base))];
+    for (i, d) in directories.iter().enumerate().skip(1) {
+        if d.width == 0 || d.height == 0 || d.width >= levels.last().map_or(u32::MAX, |l| l.1.width)
+        {
             continue;
         }
         let by_width = f64::from(base.width) / f64::from(d.width);
@@ -223,7 +226,7 @@ fn pyramid(directories: &[Directory]) -> Vec<Level> {
         };
         let not_macro = d.source_lens.is_none_or(|l| l > 0.0);
         if same_aspect && same_storage && same_scale && not_macro {
-            levels.push(level(d));
+            levels.push((i, level(d)));
         }
     }
     levels

@@ -229,3 +229,48 @@ async fn an_upload_over_the_limit_is_refused_while_streaming() {
     .await;
     assert_eq!(small.status(), 201);
 }
+
+/// onkos's tile reader against OpenSlide 4.0.1 (`tests/fixtures/slides/openslide/`): regions that
+/// cross tile borders and reach the edges, on the JPEG (SVS, RGB-encoded) and deflate (TIFF) paths.
+#[test]
+fn the_tile_reader_agrees_with_openslide_pixel_for_pixel() {
+    use onkos::slides::read::TiffSlide;
+    let dir = repo_path("tests/fixtures/slides/openslide");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("regions.json")).unwrap()).unwrap();
+    let regions = index["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), 7);
+    for region in regions {
+        let file = region["slide"].as_str().unwrap();
+        let slide = TiffSlide::open(&repo_path(&format!("tests/fixtures/slides/{file}"))).unwrap();
+        let n = |k: &str| u32::try_from(region[k].as_u64().unwrap()).unwrap();
+        let ours = slide
+            .region(n("level") as usize, n("x"), n("y"), n("width"), n("height"))
+            .unwrap();
+        let theirs = image::open(dir.join(region["png"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!((ours.width, ours.height), theirs.dimensions());
+        let deltas: Vec<u8> = ours
+            .pixels
+            .iter()
+            .zip(theirs.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let max = deltas.iter().copied().max().unwrap();
+        let mean = deltas.iter().map(|&d| f64::from(d)).sum::<f64>() / deltas.len() as f64;
+        // JPEG decoders may round an IDCT coefficient differently by one level; nothing more.
+        let allowed = if file.ends_with(".svs") { 1 } else { 0 };
+        assert!(
+            max <= allowed && mean < 0.05,
+            "{region}: max {max}, mean {mean}"
+        );
+    }
+}
+
+#[test]
+fn a_slide_stored_in_strips_is_refused_by_the_tile_reader_with_the_reason() {
+    let ndpi = repo_path("tests/fixtures/slides/hamamatsu-fluorescence-dapi.ndpi");
+    let error = onkos::slides::read::TiffSlide::open(&ndpi).unwrap_err();
+    assert!(error.to_string().contains("strips"), "{error}");
+}

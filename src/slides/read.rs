@@ -1,0 +1,306 @@
+//! Reading pixels from tiled TIFF slides (SVS, generic pyramidal TIFF).
+//!
+//! The fast path: a JPEG tile's compressed bytes are read straight from the file (positioned reads,
+//! no lock, so many threads decode at once) and decoded with zune-jpeg, with the TIFF's shared
+//! JPEG tables spliced in front. The photometric tag decides the colours: Aperio writes RGB
+//! samples into JPEG without an Adobe marker, which a decoder would take for YCbCr, so for
+//! `Photometric = RGB` the samples are taken as they are, without a colour conversion. Tiles in
+//! other compressions (deflate, LZW, none …) are decoded by the `tiff` crate.
+
+use super::{Directory, SlideError, directory, pyramid};
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+use tiff::decoder::{Decoder, DecodingResult};
+use tiff::tags::Tag;
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+
+const JPEG: u16 = 7;
+const PHOTOMETRIC_RGB: u16 = 2;
+
+/// One tiled level, with where its tiles are in the file.
+#[derive(Debug)]
+pub struct TiledLevel {
+    pub width: u32,
+    pub height: u32,
+    pub tile_width: u32,
+    pub tile_height: u32,
+    /// Level-0 pixels per pixel of this level.
+    pub downsample: f64,
+    ifd: usize,
+    offsets: Vec<u64>,
+    counts: Vec<u64>,
+    /// Abbreviated JPEG tables shared by the tiles (SOI … EOI), for JPEG levels.
+    tables: Option<Vec<u8>>,
+    compression: u16,
+    photometric: u16,
+}
+
+impl TiledLevel {
+    pub fn tiles_across(&self) -> u32 {
+        self.width.div_ceil(self.tile_width)
+    }
+
+    pub fn tiles_down(&self) -> u32 {
+        self.height.div_ceil(self.tile_height)
+    }
+}
+
+/// An open tiled slide.
+#[derive(Debug)]
+pub struct TiffSlide {
+    file: File,
+    pub levels: Vec<TiledLevel>,
+    /// For tiles the fast path does not decode.
+    decoder: Mutex<Decoder<BufReader<File>>>,
+}
+
+/// An RGB image, 3 bytes per pixel, row by row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rgb {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+impl TiffSlide {
+    /// Opens the slide's tiled levels. A slide whose levels are stored in strips (NDPI) is refused
+    /// with a reason; it is not read at the wrong resolution or guessed at.
+    pub fn open(path: &Path) -> Result<Self, SlideError> {
+        let broken = |e: tiff::TiffError| {
+            SlideError::Invalid(format!("the TIFF structure cannot be read: {e}"))
+        };
+        let io =
+            |e: std::io::Error| SlideError::Invalid(format!("the slide cannot be opened: {e}"));
+        let file = File::open(path).map_err(io)?;
+        let mut decoder =
+            Decoder::new(BufReader::new(file.try_clone().map_err(io)?)).map_err(broken)?;
+        let mut directories: Vec<Directory> = Vec::new();
+        let mut layouts = Vec::new();
+        loop {
+            directories.push(directory(&mut decoder).map_err(broken)?);
+            layouts.push(layout(&mut decoder));
+            if !decoder.more_images() || directories.len() >= 64 {
+                break;
+            }
+            decoder.next_image().map_err(broken)?;
+        }
+        let chosen = pyramid(&directories);
+        let mut levels = Vec::new();
+        for (ifd, level) in chosen {
+            let Some((offsets, counts, tables, compression, photometric)) = layouts[ifd].take()
+            else {
+                continue;
+            };
+            let (Some(tile_width), Some(tile_height)) = (level.tile_width, level.tile_height)
+            else {
+                continue;
+            };
+            let expected =
+                (level.width.div_ceil(tile_width) * level.height.div_ceil(tile_height)) as usize;
+            if offsets.len() < expected || counts.len() < expected {
+                return Err(SlideError::Invalid(format!(
+                    "level {} lists {} tiles, its size needs {expected}",
+                    levels.len(),
+                    offsets.len()
+                )));
+            }
+            levels.push(TiledLevel {
+                width: level.width,
+                height: level.height,
+                tile_width,
+                tile_height,
+                downsample: level.downsample,
+                ifd,
+                offsets,
+                counts,
+                tables,
+                compression,
+                photometric,
+            });
+        }
+        if levels.is_empty() {
+            return Err(SlideError::Unsupported(
+                "the slide's levels are stored in strips, not tiles; onkos reads tiled slides (SVS, pyramidal TIFF) so far"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            file,
+            levels,
+            decoder: Mutex::new(decoder),
+        })
+    }
+
+    /// One tile, decoded to RGB at the level's full tile size (edge tiles include the padding the
+    /// file stores).
+    pub fn tile(&self, level: usize, col: u32, row: u32) -> Result<Rgb, SlideError> {
+        let l = self
+            .levels
+            .get(level)
+            .ok_or_else(|| SlideError::Invalid(format!("no level {level}")))?;
+        if col >= l.tiles_across() || row >= l.tiles_down() {
+            return Err(SlideError::Invalid(format!(
+                "tile ({col}, {row}) is outside level {level}"
+            )));
+        }
+        let index = (row * l.tiles_across() + col) as usize;
+        let pixels = if l.compression == JPEG {
+            self.jpeg_tile(l, index)?
+        } else {
+            self.other_tile(l, index)?
+        };
+        let expected = (l.tile_width * l.tile_height * 3) as usize;
+        if pixels.len() != expected {
+            return Err(SlideError::Invalid(format!(
+                "tile {index} of level {level} decoded to {} bytes, not {expected}",
+                pixels.len()
+            )));
+        }
+        Ok(Rgb {
+            width: l.tile_width,
+            height: l.tile_height,
+            pixels,
+        })
+    }
+
+    fn jpeg_tile(&self, l: &TiledLevel, index: usize) -> Result<Vec<u8>, SlideError> {
+        let (offset, count) = (l.offsets[index], l.counts[index]);
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|c| *c >= 4 && *c <= 64 << 20)
+            .ok_or_else(|| SlideError::Invalid(format!("tile {index} has {count} bytes")))?;
+        let mut tile = vec![0_u8; count];
+        self.file.read_exact_at(&mut tile, offset).map_err(|e| {
+            SlideError::Invalid(format!(
+                "tile {index} cannot be read (truncated file?): {e}"
+            ))
+        })?;
+        // An abbreviated tile (SOI, scan, EOI) gets the shared tables spliced in after its SOI.
+        let stream = match &l.tables {
+            Some(tables) if tables.len() > 4 && tile.starts_with(&[0xFF, 0xD8]) => {
+                let mut joined = Vec::with_capacity(tables.len() + tile.len());
+                joined.extend_from_slice(&tables[..tables.len() - 2]);
+                joined.extend_from_slice(&tile[2..]);
+                joined
+            }
+            _ => tile,
+        };
+        // For RGB samples, "YCbCr out" means no colour conversion at all: the samples as stored.
+        let out = if l.photometric == PHOTOMETRIC_RGB {
+            ColorSpace::YCbCr
+        } else {
+            ColorSpace::RGB
+        };
+        let options = DecoderOptions::default()
+            .jpeg_set_out_colorspace(out)
+            .set_max_width(1 << 16)
+            .set_max_height(1 << 16);
+        let mut decoder = zune_jpeg::JpegDecoder::new_with_options(stream.as_slice(), options);
+        let pixels = decoder.decode().map_err(|e| {
+            SlideError::Invalid(format!("tile {index} is not a readable JPEG: {e:?}"))
+        })?;
+        match decoder.get_output_colorspace() {
+            Some(ColorSpace::Luma) => Ok(pixels.iter().flat_map(|&v| [v, v, v]).collect()),
+            _ => Ok(pixels),
+        }
+    }
+
+    fn other_tile(&self, l: &TiledLevel, index: usize) -> Result<Vec<u8>, SlideError> {
+        let broken = |e: tiff::TiffError| SlideError::Invalid(format!("tile {index}: {e}"));
+        let mut decoder = self
+            .decoder
+            .lock()
+            .map_err(|_| SlideError::Invalid("the tile decoder failed earlier".into()))?;
+        decoder.seek_to_image(l.ifd).map_err(broken)?;
+        let samples = decoder
+            .get_tag_u32(Tag::SamplesPerPixel)
+            .unwrap_or(1)
+            .max(1) as usize;
+        let DecodingResult::U8(data) = decoder.read_chunk(index as u32).map_err(broken)? else {
+            return Err(SlideError::Unsupported(
+                "only 8-bit samples are read".into(),
+            ));
+        };
+        // Chunks at the edge may come back cropped; pad them to the full tile.
+        let (tw, th) = (l.tile_width as usize, l.tile_height as usize);
+        let pixel_count = data.len() / samples;
+        let (cw, ch) = if pixel_count == tw * th {
+            (tw, th)
+        } else {
+            let cw = decoder.chunk_data_dimensions(index as u32).0 as usize;
+            (cw, pixel_count / cw.max(1))
+        };
+        let mut rgb = vec![255_u8; tw * th * 3];
+        for y in 0..ch.min(th) {
+            for x in 0..cw.min(tw) {
+                let s = &data[(y * cw + x) * samples..];
+                let px = if samples >= 3 {
+                    [s[0], s[1], s[2]]
+                } else {
+                    [s[0]; 3]
+                };
+                rgb[(y * tw + x) * 3..][..3].copy_from_slice(&px);
+            }
+        }
+        Ok(rgb)
+    }
+
+    /// A region of a level, in that level's pixels, composed from its tiles. What lies outside
+    /// the level is white (background).
+    pub fn region(
+        &self,
+        level: usize,
+        x: u32,
+        y: u32,
+        width: u32,
+        height: u32,
+    ) -> Result<Rgb, SlideError> {
+        let l = self
+            .levels
+            .get(level)
+            .ok_or_else(|| SlideError::Invalid(format!("no level {level}")))?;
+        let mut out = vec![255_u8; (width * height * 3) as usize];
+        let (x_end, y_end) = ((x + width).min(l.width), (y + height).min(l.height));
+        if x >= x_end || y >= y_end {
+            return Ok(Rgb {
+                width,
+                height,
+                pixels: out,
+            });
+        }
+        for row in y / l.tile_height..=(y_end - 1) / l.tile_height {
+            for col in x / l.tile_width..=(x_end - 1) / l.tile_width {
+                let tile = self.tile(level, col, row)?;
+                let (tx, ty) = (col * l.tile_width, row * l.tile_height);
+                let (from_x, to_x) = (x.max(tx), x_end.min(tx + l.tile_width));
+                for py in y.max(ty)..y_end.min(ty + l.tile_height) {
+                    let src = (((py - ty) * l.tile_width + (from_x - tx)) * 3) as usize;
+                    let dst = (((py - y) * width + (from_x - x)) * 3) as usize;
+                    let n = ((to_x - from_x) * 3) as usize;
+                    out[dst..dst + n].copy_from_slice(&tile.pixels[src..src + n]);
+                }
+            }
+        }
+        Ok(Rgb {
+            width,
+            height,
+            pixels: out,
+        })
+    }
+}
+
+type Layout = (Vec<u64>, Vec<u64>, Option<Vec<u8>>, u16, u16);
+
+/// Where the current directory's tiles are, if it is tiled.
+fn layout(d: &mut Decoder<BufReader<File>>) -> Option<Layout> {
+    let offsets = d.get_tag_u64_vec(Tag::TileOffsets).ok()?;
+    let counts = d.get_tag_u64_vec(Tag::TileByteCounts).ok()?;
+    let tables = d.get_tag_u8_vec(Tag::JPEGTables).ok();
+    let compression = d.get_tag_u32(Tag::Compression).ok()? as u16;
+    let photometric = d.get_tag_u32(Tag::PhotometricInterpretation).unwrap_or(2) as u16;
+    Some((offsets, counts, tables, compression, photometric))
+}
