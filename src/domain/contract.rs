@@ -20,16 +20,52 @@ pub struct Manifest {
     pub task: Task,
     pub title: String,
     pub onnx: OnnxSpec,
+    /// Feature models: the inputs a caller sends (empty for slide models).
+    #[serde(default)]
     pub inputs: Vec<InputSpec>,
     /// The ONNX input columns, in order: each a numeric input as is, or a categorical indicator.
+    #[serde(default)]
     pub encoding: Vec<EncodedColumn>,
     pub classification: Option<ClassificationSpec>,
     pub survival: Option<SurvivalSpec>,
     pub explanation: Option<LinearExplanation>,
-    pub cohort: Cohort,
+    /// The cohort a learned model was fitted on; absent for a fixed measurement.
+    pub cohort: Option<Cohort>,
     pub metrics: Value,
     pub hazard_ratios: Option<Value>,
     pub intended_use: String,
+    /// Slide models (`modality: "slide"`): how tiles are cut and what the model measures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide: Option<SlideSpec>,
+}
+
+/// How a slide model sees a slide: square RGB tiles of `tile_size` pixels at `mpp` µm per pixel,
+/// given to the ONNX input as float32 `[N, 3, tile_size, tile_size]` with values 0-255.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlideSpec {
+    pub tile_size: u32,
+    /// Micrometres per pixel the model expects; tiles are read from the level closest to it at or
+    /// above that resolution and resized, never read at another resolution.
+    pub mpp: f64,
+    /// A grid tile is analysed when at least this fraction of it is tissue in the slide's mask.
+    pub min_tissue: f64,
+    /// The per-tile output that says how much of the tile is tissue (the weight of its measures).
+    pub tissue_output: String,
+    pub measures: Vec<Measure>,
+    /// The measure the heatmap shows.
+    pub heatmap: String,
+}
+
+/// One per-tile output of a slide model and how it is summed up over the slide.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Measure {
+    pub name: String,
+    /// The ONNX output (one value per tile).
+    pub output: String,
+    pub unit: String,
+    pub description: String,
+    /// Only `tissue_weighted_mean` (weights: the tissue output) so far.
+    pub aggregation: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -37,6 +73,8 @@ pub struct Manifest {
 pub enum Task {
     Classification,
     Survival,
+    /// A measurement (slide models), not a prediction.
+    Quantification,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +233,13 @@ impl Manifest {
                 self.schema
             ));
         }
+        match (self.modality.as_str(), &self.slide) {
+            ("slide", Some(spec)) => return self.check_slide(spec),
+            ("slide", None) => return Err("a slide model needs a slide section".into()),
+            ("features", None) => {}
+            ("features", Some(_)) => return Err("a feature model has no slide section".into()),
+            (other, _) => return Err(format!("modality {other:?} is not features or slide")),
+        }
         let mut seen = HashSet::new();
         if let Some(dup) = self.inputs.iter().find(|i| !seen.insert(i.name.as_str())) {
             return Err(format!("input {} is listed twice", dup.name));
@@ -328,6 +373,55 @@ impl Manifest {
         Ok(())
     }
 
+    fn check_slide(&self, spec: &SlideSpec) -> Result<(), String> {
+        if self.task != Task::Quantification {
+            return Err("slide models are quantifications so far".into());
+        }
+        if !self.inputs.is_empty() || !self.encoding.is_empty() {
+            return Err("a slide model takes tiles, not listed inputs".into());
+        }
+        if !(16..=4096).contains(&spec.tile_size) {
+            return Err(format!(
+                "tile_size {} is not within 16-4096",
+                spec.tile_size
+            ));
+        }
+        if !(spec.mpp.is_finite() && spec.mpp > 0.0) {
+            return Err(format!("mpp {} is not a positive number", spec.mpp));
+        }
+        if !(0.0..=1.0).contains(&spec.min_tissue) {
+            return Err("min_tissue is a fraction (0-1)".into());
+        }
+        if spec.measures.is_empty() {
+            return Err("a slide model lists at least one measure".into());
+        }
+        let mut seen = HashSet::new();
+        for m in &spec.measures {
+            if !seen.insert(m.name.as_str()) {
+                return Err(format!("measure {} is listed twice", m.name));
+            }
+            if m.aggregation != "tissue_weighted_mean" {
+                return Err(format!(
+                    "measure {}: aggregation {:?} is not tissue_weighted_mean",
+                    m.name, m.aggregation
+                ));
+            }
+        }
+        if !seen.contains(spec.heatmap.as_str()) {
+            return Err(format!("heatmap names no measure: {}", spec.heatmap));
+        }
+        Ok(())
+    }
+
+    /// The ONNX outputs a slide model must have: its tissue output and one per measure.
+    pub fn slide_outputs(&self) -> Vec<String> {
+        self.slide.as_ref().map_or_else(Vec::new, |s| {
+            std::iter::once(s.tissue_output.clone())
+                .chain(s.measures.iter().map(|m| m.output.clone()))
+                .collect()
+        })
+    }
+
     pub fn input(&self, name: &str) -> Option<&InputSpec> {
         self.inputs.iter().find(|i| i.name == name)
     }
@@ -413,6 +507,18 @@ impl Manifest {
 
     /// The input contract as a JSON Schema (2020-12) for integrators and form generators.
     pub fn input_schema(&self) -> Value {
+        if let Some(spec) = &self.slide {
+            return serde_json::json!({
+                "type": "object",
+                "description": format!("A slide analysis: the uploaded slide, read as {} x {} pixel tiles at {} µm/pixel", spec.tile_size, spec.tile_size, spec.mpp),
+                "properties": {
+                    "slide": {"type": "string", "format": "uuid", "description": "the id POST /v1/slides answered"},
+                    "mpp": {"type": "number", "exclusiveMinimum": 0, "description": "µm per level-0 pixel, for a slide whose file does not state it"},
+                },
+                "required": ["slide"],
+                "additionalProperties": false,
+            });
+        }
         let properties: Map<String, Value> = self
             .inputs
             .iter()

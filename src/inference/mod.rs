@@ -161,6 +161,50 @@ impl OnnxModel {
         }
         Ok(per_row)
     }
+
+    /// Runs `n` square RGB tiles (`[n, 3, size, size]` float32, 0-255) and returns, for each of
+    /// `outputs`, one value per tile.
+    pub fn predict_tiles(
+        &self,
+        pixels: &[f32],
+        n: usize,
+        size: usize,
+        outputs: &[String],
+    ) -> anyhow::Result<Vec<Vec<f64>>> {
+        anyhow::ensure!(
+            n > 0 && pixels.len() == n * 3 * size * size,
+            "{} values are not {n} tiles of 3 x {size} x {size}",
+            pixels.len()
+        );
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("an earlier inference panicked"))?;
+        let result = session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, 3, size, size], pixels))?])?;
+        outputs
+            .iter()
+            .map(|name| {
+                let value = result
+                    .get(name.as_str())
+                    .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
+                let per_tile: Vec<f64> = matrix(value, n)?.into_iter().flatten().collect();
+                anyhow::ensure!(
+                    per_tile.len() == n,
+                    "output {name} gives {} values for {n} tiles",
+                    per_tile.len()
+                );
+                Ok(per_tile)
+            })
+            .collect()
+    }
+
+    /// The names of the graph's outputs.
+    pub fn output_names(&self) -> Vec<String> {
+        self.session
+            .lock()
+            .map(|s| s.outputs().iter().map(|o| o.name().to_owned()).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// An [n, k] float output (f32 or f64) as n rows of k values.

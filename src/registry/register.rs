@@ -47,6 +47,7 @@ pub(super) fn row_for(
         task: match manifest.task {
             Task::Classification => "classification".into(),
             Task::Survival => "survival".into(),
+            Task::Quantification => "quantification".into(),
         },
         title: manifest.title.clone(),
         manifest: serde_json::to_value(manifest).unwrap_or_default(),
@@ -63,6 +64,24 @@ pub(super) fn row_for(
 
 /// Runs one plausible row (training means, reference levels) and checks the output shapes.
 pub(super) fn smoke_test(manifest: &Manifest, onnx: &OnnxModel) -> anyhow::Result<()> {
+    if let Some(spec) = &manifest.slide {
+        let names = onnx.output_names();
+        let wanted = manifest.slide_outputs();
+        if let Some(missing) = wanted.iter().find(|w| !names.contains(w)) {
+            anyhow::bail!("the graph has no output {missing:?} (it has {names:?})");
+        }
+        // One blank (white) tile: every output must give one finite value for it.
+        let size = spec.tile_size as usize;
+        let white = vec![255.0_f32; 3 * size * size];
+        let values = onnx.predict_tiles(&white, 1, size, &wanted).map_err(|e| {
+            anyhow::anyhow!("the model does not run on a {size} x {size} probe tile: {e:#}")
+        })?;
+        anyhow::ensure!(
+            values.iter().flatten().all(|v| v.is_finite()),
+            "the model gives non-finite values for a blank tile"
+        );
+        return Ok(());
+    }
     let row: Vec<f64> = match &manifest.explanation {
         Some(e) => e.means.clone(),
         None => manifest

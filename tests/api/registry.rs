@@ -77,10 +77,24 @@ async fn the_catalogue_lists_every_bundled_model_with_its_card_and_contract() {
             GB,
             "breast-metastasis-76gene",
             "breast-recurrence-gbsg2",
+            "he-stain-quantification",
             "lung-survival-ncctg",
             "lung-survival-va"
         ]
     );
+    let stain: Value = app
+        .get("/v1/models/he-stain-quantification", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&stain["modality"], &stain["task"]),
+        (&json!("slide"), &json!("quantification"))
+    );
+    assert_eq!(stain["manifest"]["slide"]["tile_size"], 224);
+    assert_eq!(stain["input_schema"]["required"], json!(["slide"]));
+    assert!(stain["card"].as_str().unwrap().contains("not a diagnosis"));
     assert!(
         list["models"]
             .as_array()

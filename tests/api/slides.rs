@@ -274,3 +274,13 @@ fn a_slide_stored_in_strips_is_refused_by_the_tile_reader_with_the_reason() {
     let error = onkos::slides::read::TiffSlide::open(&ndpi).unwrap_err();
     assert!(error.to_string().contains("strips"), "{error}");
 }
+
+#[tokio::test]
+async fn features_sent_to_the_slide_model_are_refused() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let body = serde_json::json!({"model": "he-stain-quantification", "features": {}});
+    let problem = assert_problem(app.post_json("/v1/analyses", &token, &body).await, 422).await;
+    assert!(problem.to_string().contains("analyses slides"), "{problem}");
+    assert_eq!(app.rows("analyses").await, 0);
+}

@@ -436,6 +436,7 @@ fn prepare_json(body: &Map<String, Value>, model: Option<Resolved>) -> ApiResult
             return Err(ApiError::Validation(errors));
         }
     };
+    features_model(&model)?;
     let mut valid = model
         .manifest
         .validate_features(features)
@@ -476,6 +477,7 @@ fn prepare_csv(
         }),
     }
     .map_err(|e| ApiError::Validation(vec![e]))?;
+    features_model(&model)?;
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(bytes);
@@ -573,6 +575,21 @@ fn row_error(row: usize, e: FieldError) -> FieldError {
 
 /// The model a submission names: its active version for this tenant, or a contract error.
 type Resolved = Result<Arc<LoadedModel>, FieldError>;
+
+/// Features go to feature models only; a slide model is sent `{"model", "slide"}`.
+fn features_model(model: &LoadedModel) -> ApiResult<()> {
+    if model.manifest.slide.is_some() {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "model",
+            "slide_model",
+            format!(
+                "{} analyses slides: send {{\"model\", \"slide\": <slide id>}}, not features",
+                model.manifest.name
+            ),
+        )]));
+    }
+    Ok(())
+}
 
 async fn find_model(state: &AppState, principal: &Principal, name: &str) -> ApiResult<Resolved> {
     if let Some(model) = state.registry.active(&principal.tenant, name).await? {
