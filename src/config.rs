@@ -54,6 +54,8 @@ pub struct Config {
     pub worker_poll_ms: u64,
     /// How long a worker that found fewer jobs than the batch size waits for more before running.
     pub worker_batch_wait_ms: u64,
+    /// Tiles per ONNX Runtime call in a slide analysis.
+    pub slide_batch_tiles: u32,
     /// In `serve` (a worker in the same process), run a single JSON case whose submitter waits
     /// (`?wait=`) right away and store it finished, instead of queueing it.
     pub worker_inline: bool,
@@ -110,6 +112,7 @@ impl Default for Config {
             worker_poll_ms: 500,
             worker_batch_wait_ms: 0,
             worker_inline: true,
+            slide_batch_tiles: 64,
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,
             max_wait_secs: 50,
@@ -211,6 +214,7 @@ impl Config {
             ("ONKOS_BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
             ("ONKOS_INFERENCE_THREADS", self.inference_threads as u64),
             ("ONKOS_WORKER_BATCH_SIZE", u64::from(self.worker_batch_size)),
+            ("ONKOS_SLIDE_BATCH_TILES", u64::from(self.slide_batch_tiles)),
             ("ONKOS_WORKER_LEASE_SECS", u64::from(self.worker_lease_secs)),
             ("ONKOS_WORKER_POLL_MS", self.worker_poll_ms),
             (

@@ -9,6 +9,60 @@ use serde::{Deserialize, Serialize};
 /// Versions of the result documents; bumped on any change a client could notice.
 pub const CLASSIFICATION_SCHEMA: &str = "onkos.result.classification/1";
 pub const SURVIVAL_SCHEMA: &str = "onkos.result.survival/1";
+pub const SLIDE_SCHEMA: &str = "onkos.result.slide/1";
+
+/// What a slide analysis looked at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlideSummary {
+    pub id: uuid::Uuid,
+    /// Share of the slide's area that the tissue mask counts as tissue.
+    pub tissue_fraction: f64,
+    /// Grid tiles with enough tissue, each read, run and scored.
+    pub tiles_analysed: usize,
+    /// All whole tiles of the grid over the slide.
+    pub tiles_in_grid: usize,
+    /// µm per level-0 pixel used to lay the grid, and where it came from (`file` or `request`).
+    pub mpp_used: f64,
+    pub mpp_source: String,
+    /// The model's resolution: tiles were read at `level_used` and resized to it.
+    pub model_mpp: f64,
+    pub level_used: usize,
+    pub level_downsample: f64,
+    pub tile_size: u32,
+    pub tile_size_level0: f64,
+}
+
+/// One slide-level measure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Measurement {
+    pub name: String,
+    /// Absent when no analysed tile had tissue in the model's eyes.
+    pub value: Option<f64>,
+    pub unit: String,
+    pub description: String,
+    pub aggregation: String,
+}
+
+/// Milliseconds per stage (decoding overlaps inference; each is its own total).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlideStages {
+    pub open_ms: f64,
+    pub mask_ms: f64,
+    pub read_decode_ms: f64,
+    pub infer_ms: f64,
+    pub aggregate_ms: f64,
+    pub total_ms: f64,
+    pub tiles_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlideResult {
+    pub schema: String,
+    pub slide: SlideSummary,
+    pub measurements: Vec<Measurement>,
+    pub stages: SlideStages,
+    pub intended_use: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Prediction {
@@ -103,6 +157,7 @@ pub struct SurvivalResult {
 pub enum AnalysisResult {
     Classification(ClassificationResult),
     Survival(SurvivalResult),
+    Slide(SlideResult),
 }
 
 /// The model's raw outputs for one row, by meaning.

@@ -4,11 +4,15 @@
 
 use crate::config::Config;
 use crate::domain::contract::RangeFlag;
+use crate::domain::ids::TenantId;
 use crate::domain::result::ModelOutputs;
+use crate::domain::result::{Measurement, SLIDE_SCHEMA, SlideResult, SlideStages, SlideSummary};
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
 use crate::repo;
 use crate::repo::jobs::{ClaimedJob, Outcome, Success};
+use crate::repo::slides::Key;
+use crate::slides::analyse::{Analysed, Plan, Stopped, TileScores, analyse};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -27,6 +31,8 @@ enum Attempt {
     Done {
         result: Value,
         timings: Value,
+        /// Slide analyses: the per-tile scores.
+        tiles: Option<Box<TileScores>>,
     },
     /// Might succeed if tried again (inference error, model not loaded here).
     Transient(String),
@@ -43,6 +49,7 @@ pub struct Worker {
     batch_wait: Duration,
     lease: Duration,
     retry: RetryPolicy,
+    slide_batch: usize,
     last_reap: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
@@ -58,6 +65,7 @@ impl Worker {
             batch_wait: Duration::from_millis(config.worker_batch_wait_ms),
             lease: Duration::from_secs(u64::from(config.worker_lease_secs)),
             retry: config.retry_policy(),
+            slide_batch: config.slide_batch_tiles as usize,
             last_reap: Arc::default(),
         }
     }
@@ -183,6 +191,13 @@ impl Worker {
                 return vec![Attempt::Transient(error); jobs.len()];
             }
         };
+        if model.manifest.slide.is_some() {
+            let mut attempts = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                attempts.push(self.run_slide(&model, job).await);
+            }
+            return attempts;
+        }
         // Inputs were checked on the way in; checking again costs microseconds and guards against
         // a stored row that predates a contract change.
         let checked: Vec<Result<Checked, String>> = jobs
@@ -251,7 +266,11 @@ impl Worker {
                             dispatch: "queue",
                         };
                         match result_document(&model, &row, &encoded, flags, &timings) {
-                            Ok((result, timings)) => Attempt::Done { result, timings },
+                            Ok((result, timings)) => Attempt::Done {
+                                result,
+                                timings,
+                                tiles: None,
+                            },
                             Err(e) => Attempt::Permanent(e),
                         }
                     }
@@ -264,23 +283,123 @@ impl Worker {
             .collect()
     }
 
+    /// One slide analysis, off the async threads; progress is recorded between tile batches, and
+    /// a cancelled job (or a lost lease) stops it there.
+    async fn run_slide(&self, model: &Arc<LoadedModel>, job: &ClaimedJob) -> Attempt {
+        let slide_id = job
+            .input
+            .get("slide")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok());
+        let mpp = job.input.get("mpp").and_then(Value::as_f64);
+        let source = job
+            .input
+            .get("mpp_source")
+            .and_then(Value::as_str)
+            .unwrap_or("file")
+            .to_owned();
+        let (Some(slide_id), Some(mpp), Ok(tenant)) =
+            (slide_id, mpp, TenantId::parse(&job.tenant_id))
+        else {
+            return Attempt::Permanent("the stored input names no slide and resolution".into());
+        };
+        let slide = match repo::slides::find(&self.pool, &tenant, Key::Id(slide_id)).await {
+            Ok(Some(slide)) => slide,
+            Ok(None) => return Attempt::Permanent(format!("slide {slide_id} no longer exists")),
+            Err(e) => return Attempt::Transient(format!("the slide record cannot be read: {e}")),
+        };
+        let path = self.registry.blobs().path_of(&slide.blob_key);
+        let handle = tokio::runtime::Handle::current();
+        let (pool, worker, claimed) = (self.pool.clone(), self.id, job.clone());
+        let loaded = Arc::clone(model);
+        let batch = self.slide_batch;
+        let started = Instant::now();
+        let run = tokio::task::spawn_blocking(move || {
+            let Some(spec) = loaded.manifest.slide.as_ref() else {
+                return Err(Stopped::Refused("not a slide model".into()));
+            };
+            let plan = Plan {
+                spec,
+                onnx: &loaded.onnx,
+                mpp,
+                batch,
+            };
+            let mut progress = |done: usize, total: usize| {
+                let done = i32::try_from(done).unwrap_or(i32::MAX);
+                let total = i32::try_from(total).unwrap_or(i32::MAX);
+                // A failed progress write is no reason to stop; a lost job is.
+                handle
+                    .block_on(repo::jobs::progress(&pool, &claimed, worker, done, total))
+                    .unwrap_or(true)
+            };
+            let analysed = analyse(&path, &plan, &mut progress)?;
+            Ok(slide_result(&loaded, slide_id, mpp, &source, analysed))
+        })
+        .await;
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        match run {
+            Ok(Ok((mut result, tiles))) => {
+                let analysed = result.slide.tiles_analysed;
+                result.stages.total_ms = total_ms;
+                result.stages.tiles_per_second = analysed as f64 / (total_ms / 1e3).max(1e-9);
+                let queue_wait_ms = job.started_at.map_or(0.0, |s| {
+                    (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
+                });
+                let timings = json!({
+                    "queue_wait_ms": queue_wait_ms,
+                    "infer_ms": result.stages.infer_ms,
+                    "batch_size": analysed,
+                    "dispatch": "queue",
+                });
+                match serde_json::to_value(&result) {
+                    Ok(result) => Attempt::Done {
+                        result,
+                        timings,
+                        tiles: Some(Box::new(tiles)),
+                    },
+                    Err(e) => Attempt::Permanent(format!("the result cannot be written: {e}")),
+                }
+            }
+            Ok(Err(Stopped::Cancelled)) => {
+                Attempt::Transient("stopped between tile batches: cancelled or lease lost".into())
+            }
+            Ok(Err(Stopped::Refused(reason))) => Attempt::Permanent(reason),
+            Ok(Err(Stopped::Inference(e))) => {
+                tracing::error!(error = %e, model = %model.manifest.name, "slide inference failed");
+                Attempt::Transient("inference failed on the worker".into())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, analysis = %job.analysis_id, "slide analysis panicked");
+                Attempt::Transient("the slide analysis stopped unexpectedly on the worker".into())
+            }
+        }
+    }
+
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
     /// Successes (the common case) are stored set-wise; retries and failures one by one.
     async fn store(&self, jobs: &[ClaimedJob], attempts: Vec<Attempt>) -> anyhow::Result<usize> {
         let provider = self.registry.provider();
         let mut tx = self.pool.begin().await?;
         let mut successes = Vec::new();
+        let mut tiles = Vec::new();
         let mut done = Vec::new();
         let mut stored = 0;
         for (job, attempt) in jobs.iter().zip(attempts) {
             let (outcome, exhausted);
             match attempt {
-                Attempt::Done { result, timings } => {
+                Attempt::Done {
+                    result,
+                    timings,
+                    tiles: scores,
+                } => {
                     successes.push(Success {
                         job,
                         result,
                         timings,
                     });
+                    if let Some(scores) = scores {
+                        tiles.push((job, scores));
+                    }
                     continue;
                 }
                 Attempt::Permanent(error) => {
@@ -320,6 +439,12 @@ impl Worker {
                 );
             }
             stored += completed.len();
+            for (job, scores) in &tiles {
+                if completed.contains(&job.analysis_id) {
+                    repo::jobs::store_tiles(&mut tx, job.analysis_id, &job.tenant_id, scores)
+                        .await?;
+                }
+            }
             done.extend(completed);
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
@@ -369,6 +494,59 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
     let mut listener = PgListener::connect_with(pool).await.ok()?;
     listener.listen(repo::JOBS_CHANNEL).await.ok()?;
     Some(listener)
+}
+
+/// The result document of a slide analysis, and its tile scores.
+fn slide_result(
+    model: &LoadedModel,
+    slide: Uuid,
+    mpp: f64,
+    source: &str,
+    a: Analysed,
+) -> (SlideResult, TileScores) {
+    let spec = model.manifest.slide.as_ref();
+    let measurements = a
+        .measures
+        .iter()
+        .map(|(name, value)| {
+            let m = spec.and_then(|s| s.measures.iter().find(|m| &m.name == name));
+            Measurement {
+                name: name.clone(),
+                value: *value,
+                unit: m.map(|m| m.unit.clone()).unwrap_or_default(),
+                description: m.map(|m| m.description.clone()).unwrap_or_default(),
+                aggregation: m.map(|m| m.aggregation.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let result = SlideResult {
+        schema: SLIDE_SCHEMA.into(),
+        slide: SlideSummary {
+            id: slide,
+            tissue_fraction: a.tissue_fraction,
+            tiles_analysed: a.tiles.xs.len(),
+            tiles_in_grid: a.tiles_in_grid,
+            mpp_used: mpp,
+            mpp_source: source.into(),
+            model_mpp: spec.map_or(0.0, |s| s.mpp),
+            level_used: a.level,
+            level_downsample: a.level_downsample,
+            tile_size: spec.map_or(0, |s| s.tile_size),
+            tile_size_level0: a.tiles.tile_size_level0,
+        },
+        measurements,
+        stages: SlideStages {
+            open_ms: a.stage_ms.open,
+            mask_ms: a.stage_ms.mask,
+            read_decode_ms: a.stage_ms.read_decode,
+            infer_ms: a.stage_ms.infer,
+            aggregate_ms: a.stage_ms.aggregate,
+            total_ms: 0.0,
+            tiles_per_second: 0.0,
+        },
+        intended_use: model.manifest.intended_use.clone(),
+    };
+    (result, a.tiles)
 }
 
 /// Where an analysis's time went, as stored with its result.

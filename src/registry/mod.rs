@@ -137,6 +137,11 @@ impl Registry {
             .unwrap_or(crate::inference::CPU)
     }
 
+    /// Where model files and slides are kept.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
     pub fn loaded_count(&self) -> usize {
         self.loaded.read().map(|l| l.len()).unwrap_or(0)
     }

@@ -43,6 +43,8 @@ pub struct Submission {
     pub priority: Priority,
     pub batch_id: Option<Uuid>,
     pub max_attempts: i32,
+    /// False for slide analyses: their jobs are claimed one at a time, never batched.
+    pub batchable: bool,
 }
 
 /// Writes the analyses of one or more submissions inside the caller's transaction, with one
@@ -121,14 +123,16 @@ pub async fn insert_with_jobs(
             .map(|(s, _)| s.priority.queue_rank())
             .collect();
         let attempts: Vec<i32> = queued.iter().map(|(s, _)| s.max_attempts).collect();
+        let batchable: Vec<bool> = queued.iter().map(|(s, _)| s.batchable).collect();
         sqlx::query!(
-            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts)
-             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[])",
+            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable)
+             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[], $6::bool[])",
             &ids,
             &column(&|s| s.tenant.as_str().to_owned()),
             &column(&|s| s.model_name.clone()),
             &ranks,
             &attempts,
+            &batchable,
         )
         .execute(&mut *tx)
         .await?;
@@ -194,6 +198,9 @@ pub struct AnalysisRecord {
     pub result: Option<Value>,
     pub timings: Option<Value>,
     pub execution_provider: Option<String>,
+    /// Slide analyses while they run: tiles done and in all.
+    pub progress_done: Option<i32>,
+    pub progress_total: Option<i32>,
 }
 
 /// One analysis of `tenant`; another tenant's analysis is indistinguishable from a missing one.
@@ -208,7 +215,8 @@ pub async fn find(
                   case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
                   a.input_sha256, a.error, a.validate_ms, a.created_at,
                   coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
-                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
+                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?",
+                  j.progress_done as "progress_done?", j.progress_total as "progress_total?"
            from analyses a
            left join jobs j on j.analysis_id = a.id
            left join results r on r.analysis_id = a.id
@@ -239,7 +247,8 @@ pub async fn find_and_audit(
                   case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
                   a.input_sha256, a.error, a.validate_ms, a.created_at,
                   coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
-                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?"
+                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?",
+                  j.progress_done as "progress_done?", j.progress_total as "progress_total?"
            from analyses a
            left join jobs j on j.analysis_id = a.id
            left join results r on r.analysis_id = a.id

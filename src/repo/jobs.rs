@@ -37,7 +37,7 @@ pub async fn claim(
     sqlx::query_as!(
         ClaimedJob,
         r#"with head as (
-               select analysis_id, model_name, state from jobs
+               select analysis_id, model_name, state, batchable from jobs
                where ((state = 'queued' and run_after <= now())
                       or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
                  and ($4::text is null or model_name = $4)
@@ -50,6 +50,7 @@ pub async fn claim(
                select analysis_id from jobs
                where model_name = (select model_name from head)
                  and (select state from head) = 'queued'
+                 and (select batchable from head) and batchable
                  and state = 'queued' and run_after <= now()
                  and analysis_id <> (select analysis_id from head)
                order by priority, enqueued_at, analysis_id
@@ -248,4 +249,52 @@ pub async fn complete_batch(
     )
     .fetch_all(&mut *tx)
     .await
+}
+
+/// Records a running slide job's progress; false when this worker no longer holds the job
+/// (cancelled, or its lease was taken over): the analysis should stop.
+pub async fn progress(
+    db: impl PgExecutor<'_>,
+    job: &ClaimedJob,
+    worker: Uuid,
+    done: i32,
+    total: i32,
+) -> sqlx::Result<bool> {
+    Ok(sqlx::query!(
+        "update jobs set progress_done = $4, progress_total = $5
+         where analysis_id = $1 and lease_owner = $2 and attempts = $3 and state = 'running'",
+        job.analysis_id,
+        worker,
+        job.attempts,
+        done,
+        total,
+    )
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Stores the per-tile scores of finished slide analyses (inside the completing transaction).
+pub async fn store_tiles(
+    tx: &mut PgConnection,
+    analysis: Uuid,
+    tenant: &str,
+    tiles: &crate::slides::analyse::TileScores,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "insert into analysis_tiles (analysis_id, tenant_id, tile_size_level0, xs, ys, tissue, measures, scores)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        analysis,
+        tenant,
+        tiles.tile_size_level0,
+        &tiles.xs,
+        &tiles.ys,
+        &tiles.tissue,
+        &tiles.measures,
+        &tiles.scores,
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

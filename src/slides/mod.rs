@@ -1,6 +1,7 @@
 //! Whole-slide images: recognising a file's format from its first bytes, and reading its pyramid
 //! (levels, tile sizes), resolution (µm per pixel) and objective from its TIFF structure.
 
+pub mod analyse;
 pub mod read;
 
 use serde::{Deserialize, Serialize};

@@ -184,6 +184,11 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GETs `path` and returns its JSON body, whatever the status.
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        self.get(path, token).await.json().await.unwrap()
+    }
+
     /// Submits a whole JSON request and returns the new analysis id.
     pub async fn submit_to(&self, token: &str, body: &Value) -> String {
         let response = self.post_json("/v1/analyses", token, body).await;

@@ -97,7 +97,7 @@ async fn each_fixture_format_is_read_with_its_pyramid_and_resolution() {
             }
             (got, want) => assert_eq!(got, want, "{file}"),
         }
-        let read: Value = app.get(&location, &token).await.json().await.unwrap();
+        let read: Value = app.get_json(&location, &token).await;
         assert_eq!(read, slide);
     }
     assert_eq!(stored_files(&app), (0, 3));
@@ -281,6 +281,144 @@ async fn features_sent_to_the_slide_model_are_refused() {
     let token = app.token("oslo", "submitter");
     let body = serde_json::json!({"model": "he-stain-quantification", "features": {}});
     let problem = assert_problem(app.post_json("/v1/analyses", &token, &body).await, 422).await;
+    assert!(
+        problem
+            .to_string()
+            .contains("not a field of a slide analysis"),
+        "{problem}"
+    );
+    // A CSV batch for it too.
+    let csv = app
+        .client
+        .post(format!("{}/v1/analyses?model={STAIN}", app.base))
+        .bearer_auth(&token)
+        .header("content-type", "text/csv")
+        .body("a,b\n1,2\n")
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(csv, 422).await;
     assert!(problem.to_string().contains("analyses slides"), "{problem}");
     assert_eq!(app.rows("analyses").await, 0);
+}
+
+const STAIN: &str = "he-stain-quantification";
+
+async fn uploaded(app: &TestApp, token: &str, file: &str) -> String {
+    let response = upload(app, token, fixture(file), "application/octet-stream").await;
+    assert!(response.status().is_success());
+    response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_svs_slide_is_analysed_end_to_end_with_its_tissue_tiles_and_stain_measures() {
+    let app = TestApp::spawn_with(|c| c.slide_batch_tiles = 16).await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let body = serde_json::json!({"model": STAIN, "slide": slide});
+    let id = app.submit_to(&token, &body).await;
+    assert_eq!(app.step().await, 1);
+    let analysis: Value = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    let result = &analysis["result"];
+    assert_eq!(result["schema"], "onkos.result.slide/1");
+    let summary = &result["slide"];
+    assert_eq!(summary["id"], slide.as_str());
+    assert_eq!(summary["mpp_used"], 0.499);
+    assert_eq!(summary["mpp_source"], "file");
+    // 2220 x 2967 pixels at 0.499 µm/pixel in 224-pixel tiles of 0.5 µm: 9 x 13 whole tiles.
+    let tile0 = summary["tile_size_level0"].as_f64().unwrap();
+    assert!((tile0 - 224.0 * 0.5 / 0.499).abs() < 1e-9);
+    assert_eq!(summary["tiles_in_grid"], 9 * 13);
+    let analysed = summary["tiles_analysed"].as_u64().unwrap();
+    let tissue = summary["tissue_fraction"].as_f64().unwrap();
+    assert!(analysed > 10 && analysed < 117, "{summary}");
+    assert!(tissue > 0.1 && tissue < 0.9, "{summary}");
+    // H&E: both stains present in the tissue, haematoxylin and eosin densities of plausible size.
+    for m in result["measurements"].as_array().unwrap() {
+        let value = m["value"].as_f64().unwrap();
+        assert!(value > 0.02 && value < 2.0, "{m}");
+    }
+    assert!(result["stages"]["infer_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        result["intended_use"]
+            .as_str()
+            .unwrap()
+            .contains("not a diagnosis")
+    );
+    let (xs, scores): (Vec<i32>, Vec<f32>) =
+        sqlx::query_as("select xs, scores from analysis_tiles where analysis_id = $1::text::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(xs.len() as u64, analysed);
+    assert_eq!(scores.len() as u64, 2 * analysed);
+}
+
+#[tokio::test]
+async fn slide_analyses_are_refused_when_the_slide_cannot_be_read_at_the_models_resolution() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let svs = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let ndpi = uploaded(&app, &token, "hamamatsu-fluorescence-dapi.ndpi").await;
+    let boxes = uploaded(&app, &token, "generic-boxes.tiff").await;
+    let refused = |body: Value| {
+        let app = &app;
+        let token = &token;
+        async move { assert_problem(app.post_json("/v1/analyses", token, &body).await, 422).await }
+    };
+    let p = refused(serde_json::json!({"model": STAIN, "slide": svs, "mpp": 0.25})).await;
+    assert!(p.to_string().contains("contradicts"), "{p}");
+    let p = refused(serde_json::json!({"model": STAIN, "slide": ndpi})).await;
+    assert!(p.to_string().contains("strips"), "{p}");
+    let p = refused(serde_json::json!({"model": STAIN, "slide": boxes})).await;
+    assert!(p.to_string().contains("or finer"), "{p}");
+    let p = refused(serde_json::json!({"model": STAIN})).await;
+    assert!(p.to_string().contains("slide is required"), "{p}");
+    let p = refused(serde_json::json!({"model": STAIN, "slide": svs, "features": {}})).await;
+    assert!(p.to_string().contains("features"), "{p}");
+    // Another tenant's slide does not exist for this one.
+    let bergen = app.token("bergen", "submitter");
+    let body = serde_json::json!({"model": STAIN, "slide": svs});
+    let p = assert_problem(app.post_json("/v1/analyses", &bergen, &body).await, 422).await;
+    assert!(p.to_string().contains("no slide"), "{p}");
+    assert_eq!(app.rows("analyses").await, 0);
+}
+
+#[tokio::test]
+async fn a_slide_analysis_cancelled_while_it_runs_stops_at_the_next_tile_batch() {
+    let app = TestApp::spawn_with(|c| c.slide_batch_tiles = 4).await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let id = app
+        .submit_to(&token, &serde_json::json!({"model": STAIN, "slide": slide}))
+        .await;
+    let claimed = app.worker.claim().await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let url = format!("{}/v1/analyses/{id}", app.base);
+    let cancel = app.client.delete(&url).bearer_auth(&token).send().await;
+    assert_eq!(cancel.unwrap().status(), 200);
+    assert_eq!(app.worker.process(claimed).await.unwrap(), 0);
+    let analysis: Value = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "cancelled");
+    assert_eq!(app.rows("analysis_tiles").await, 0);
+    assert_eq!(app.rows("results").await, 0);
+}
+
+#[tokio::test]
+async fn slide_jobs_are_claimed_one_at_a_time() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    for _ in 0..3 {
+        app.submit_to(&token, &serde_json::json!({"model": STAIN, "slide": slide}))
+            .await;
+    }
+    let worker = app.worker.another();
+    assert_eq!(worker.claim().await.unwrap().len(), 1);
+    assert_eq!(app.worker.another().claim().await.unwrap().len(), 1);
 }

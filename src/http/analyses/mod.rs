@@ -69,6 +69,12 @@ pub struct Timings {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub tiles_done: i32,
+    pub tiles_total: i32,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AnalysisView {
     pub id: AnalysisId,
     pub status: Status,
@@ -83,6 +89,8 @@ pub struct AnalysisView {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub timings: Timings,
+    /// Slide analyses while they run: tiles analysed so far and in all.
+    pub progress: Option<Progress>,
     /// ONNX Runtime execution provider that ran the model.
     pub execution_provider: Option<String>,
     /// Present when `status` is `succeeded`: the versioned result document (classification or survival).
@@ -165,6 +173,17 @@ pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<
                 .and_then(|t| t.get("dispatch"))
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+        },
+        progress: match (r.progress_done, r.progress_total) {
+            (Some(tiles_done), Some(tiles_total))
+                if r.status == "queued" || r.status == "running" =>
+            {
+                Some(Progress {
+                    tiles_done,
+                    tiles_total,
+                })
+            }
+            _ => None,
         },
         execution_provider: r.execution_provider,
         result,

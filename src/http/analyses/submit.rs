@@ -16,6 +16,7 @@ use crate::registry::LoadedModel;
 use crate::repo;
 use crate::repo::analyses::{AnalysisRecord, Finished, NewAnalysis, Submission};
 use crate::repo::idempotency::StoredAnswer;
+use crate::repo::slides::Key;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -31,6 +32,7 @@ use std::time::Instant;
 use uuid::Uuid;
 
 const FIELDS: [&str; 4] = ["model", "features", "subject", "priority"];
+const SLIDE_FIELDS: [&str; 5] = ["model", "slide", "mpp", "subject", "priority"];
 const MAX_SUBJECT: usize = 256;
 /// A CSV with many broken rows lists this many errors, not thousands.
 const MAX_REPORTED_ERRORS: usize = 100;
@@ -132,7 +134,12 @@ pub async fn create(
                 Some(Value::String(name)) => Some(find_model(&state, &principal, name).await?),
                 _ => None,
             };
-            prepare_json(&body, model)?
+            match model {
+                Some(Ok(model)) if model.manifest.slide.is_some() => {
+                    prepare_slide(&state, &principal, &body, model).await?
+                }
+                model => prepare_json(&body, model)?,
+            }
         }
         BodyKind::Csv => {
             let model = match &params.model {
@@ -153,6 +160,7 @@ pub async fn create(
         priority: prepared.priority,
         batch_id: prepared.batch_id,
         max_attempts: state.retry_max_attempts(),
+        batchable: manifest.slide.is_none(),
     };
     let first_id = prepared.analyses[0].id;
     // A waiting submitter of one case on a process with a worker: run it now (microseconds for a
@@ -301,6 +309,8 @@ fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRe
         finished_at: finished.as_ref().map(|f| f.finished_at),
         batch_id: submission.batch_id,
         execution_provider: finished.as_ref().map(|f| f.execution_provider.clone()),
+        progress_done: None,
+        progress_total: None,
         timings: finished.as_ref().map(|f| f.timings.clone()),
         result: finished.map(|f| f.result),
     }
@@ -363,6 +373,185 @@ fn answer(prepared: &Prepared) -> (Value, String) {
     }
 }
 
+fn subject_of(body: &Map<String, Value>) -> Result<Option<&str>, FieldError> {
+    match body.get("subject") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => check_subject(s).map(Some),
+        Some(_) => Err(FieldError::new(
+            "subject",
+            "not_a_string",
+            "subject must be a string",
+        )),
+    }
+}
+
+fn priority_of(body: &Map<String, Value>) -> Result<Priority, FieldError> {
+    match body.get("priority") {
+        None | Some(Value::Null) => Ok(Priority::Routine),
+        Some(Value::String(p)) => Priority::parse(p).ok_or_else(|| {
+            FieldError::new(
+                "priority",
+                "not_allowed",
+                format!("priority {p:?} is not routine or stat"),
+            )
+        }),
+        Some(_) => Err(FieldError::new(
+            "priority",
+            "not_allowed",
+            "priority must be \"routine\" or \"stat\"",
+        )),
+    }
+}
+
+/// `{"model", "slide", "mpp"?, "subject"?, "priority"?}` for a slide model: the slide must be the
+/// tenant's, tiled, and of known resolution — from its file, or stated as `mpp` when the file
+/// states none. A stated `mpp` that contradicts the file is refused: a grid at the wrong
+/// resolution would measure the wrong thing.
+async fn prepare_slide(
+    state: &AppState,
+    principal: &Principal,
+    body: &Map<String, Value>,
+    model: Arc<LoadedModel>,
+) -> ApiResult<Prepared> {
+    let started = Instant::now();
+    let spec = model
+        .manifest
+        .slide
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("prepare_slide called for a feature model"))?;
+    let mut errors: Vec<FieldError> = body
+        .keys()
+        .filter(|k| !SLIDE_FIELDS.contains(&k.as_str()))
+        .map(|k| {
+            FieldError::new(
+                k.clone(),
+                "unknown",
+                format!("{k} is not a field of a slide analysis"),
+            )
+        })
+        .collect();
+    let (subject, priority) = (subject_of(body), priority_of(body));
+    let stated = match body.get("mpp") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|v| v.is_finite() && *v > 0.0 && *v < 1000.0)
+            .map(Some)
+            .ok_or_else(|| {
+                FieldError::new(
+                    "mpp",
+                    "out_of_range",
+                    "mpp is µm per pixel: a positive number below 1000",
+                )
+            }),
+        Some(_) => Err(FieldError::new(
+            "mpp",
+            "not_a_number",
+            "mpp must be a number",
+        )),
+    };
+    let slide = match body.get("slide") {
+        None => Err(FieldError::new(
+            "slide",
+            "missing",
+            "slide is required: the id POST /v1/slides answered",
+        )),
+        Some(Value::String(id)) => match Uuid::parse_str(id) {
+            Ok(id) => repo::slides::find(&state.pool, &principal.tenant, Key::Id(id))
+                .await?
+                .ok_or_else(|| {
+                    FieldError::new(
+                        "slide",
+                        "unknown_slide",
+                        format!("no slide {id} in this tenant"),
+                    )
+                }),
+            Err(_) => Err(FieldError::new(
+                "slide",
+                "unknown_slide",
+                "slide must be a slide id",
+            )),
+        },
+        Some(_) => Err(FieldError::new(
+            "slide",
+            "not_a_string",
+            "slide must be a slide id",
+        )),
+    };
+    let (slide, stated, subject, priority) = match (slide, stated, subject, priority) {
+        (Ok(sl), Ok(m), Ok(s), Ok(p)) if errors.is_empty() => (sl, m, s, p),
+        (sl, m, s, p) => {
+            errors.extend([sl.err(), m.err(), s.err(), p.err()].into_iter().flatten());
+            return Err(ApiError::Validation(errors));
+        }
+    };
+    let refuse = |field: &str, rule: &'static str, message: String| {
+        ApiError::Validation(vec![FieldError::new(field, rule, message)])
+    };
+    if slide
+        .levels
+        .0
+        .first()
+        .is_none_or(|l| l.tile_width.is_none())
+    {
+        return Err(refuse(
+            "slide",
+            "not_tiled",
+            format!(
+                "slide {} ({}) stores its levels in strips; onkos analyses tiled slides (SVS, pyramidal TIFF) so far",
+                slide.id, slide.format
+            ),
+        ));
+    }
+    let (mpp, source) = match (slide.mpp_x, stated) {
+        (Some(file), Some(request)) if (request / file - 1.0).abs() > 0.02 => {
+            return Err(refuse(
+                "mpp",
+                "contradicts_file",
+                format!("the slide's file states {file} µm/pixel; {request} contradicts it"),
+            ));
+        }
+        (Some(file), _) => (file, "file"),
+        (None, Some(request)) => (request, "request"),
+        (None, None) => {
+            return Err(refuse(
+                "mpp",
+                "missing",
+                format!(
+                    "slide {} states no µm/pixel: send mpp (µm per level-0 pixel) so that tiles are cut at the right size",
+                    slide.id
+                ),
+            ));
+        }
+    };
+    if mpp > spec.mpp * 1.001 {
+        return Err(refuse(
+            "slide",
+            "too_coarse",
+            format!(
+                "the slide's finest level has {mpp} µm/pixel; {} needs {} µm/pixel or finer",
+                model.manifest.name, spec.mpp
+            ),
+        ));
+    }
+    let input = json!({"slide": slide.id, "mpp": mpp, "mpp_source": source});
+    let digest = hex::encode(Sha256::digest(format!("slide:{}:mpp:{mpp}", slide.sha256)));
+    Ok(Prepared {
+        model,
+        priority,
+        batch_id: None,
+        analyses: vec![NewAnalysis {
+            id: AnalysisId::new(),
+            subject: subject.map(str::to_owned),
+            input,
+            input_sha256: digest,
+            validate_ms: started.elapsed().as_secs_f64() * 1e3,
+            finished: None,
+        }],
+        row: None,
+    })
+}
+
 /// Checks the JSON envelope and the features, collecting every error.
 fn prepare_json(body: &Map<String, Value>, model: Option<Resolved>) -> ApiResult<Prepared> {
     let started = Instant::now();
@@ -405,30 +594,7 @@ fn prepare_json(body: &Map<String, Value>, model: Option<Resolved>) -> ApiResult
             "features must be an object of name → value",
         )),
     };
-    let subject = match body.get("subject") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => check_subject(s).map(Some),
-        Some(_) => Err(FieldError::new(
-            "subject",
-            "not_a_string",
-            "subject must be a string",
-        )),
-    };
-    let priority = match body.get("priority") {
-        None | Some(Value::Null) => Ok(Priority::Routine),
-        Some(Value::String(p)) => Priority::parse(p).ok_or_else(|| {
-            FieldError::new(
-                "priority",
-                "not_allowed",
-                format!("priority {p:?} is not routine or stat"),
-            )
-        }),
-        Some(_) => Err(FieldError::new(
-            "priority",
-            "not_allowed",
-            "priority must be \"routine\" or \"stat\"",
-        )),
-    };
+    let (subject, priority) = (subject_of(body), priority_of(body));
     let (model, features, subject, priority) = match (model, features, subject, priority) {
         (Ok(m), Ok(f), Ok(s), Ok(p)) if errors.is_empty() => (m, f, s, p),
         (m, f, s, p) => {

@@ -1,0 +1,499 @@
+//! A slide analysis: tissue mask on a low-resolution view, a tile grid at the model's µm/pixel,
+//! tiles read and decoded in parallel while the previous batch is in ONNX Runtime, and the
+//! per-tile measures summed up as the manifest says.
+
+use super::SlideError;
+use super::read::{Rgb, TiffSlide};
+use crate::domain::contract::SlideSpec;
+use crate::inference::OnnxModel;
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+/// What a slide analysis needs besides the slide.
+#[derive(Debug)]
+pub struct Plan<'a> {
+    pub spec: &'a SlideSpec,
+    pub onnx: &'a OnnxModel,
+    /// µm per level-0 pixel, from the file or stated by the request.
+    pub mpp: f64,
+    /// Tiles per ONNX Runtime call.
+    pub batch: usize,
+}
+
+/// Where the tiles are and what the model said about each.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TileScores {
+    /// Side of every tile in level-0 pixels.
+    pub tile_size_level0: f64,
+    /// Top-left corners in level-0 pixels.
+    pub xs: Vec<i32>,
+    pub ys: Vec<i32>,
+    /// The model's tissue output per tile.
+    pub tissue: Vec<f32>,
+    /// Measure names, the columns of `scores`.
+    pub measures: Vec<String>,
+    /// Row-major: one row per tile, one column per measure.
+    pub scores: Vec<f32>,
+}
+
+/// The numbers a slide result is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysed {
+    pub tissue_fraction: f64,
+    pub tiles_in_grid: usize,
+    pub level: usize,
+    pub level_downsample: f64,
+    /// (measure name, tissue-weighted mean; none when no analysed tile had tissue in the model's eyes).
+    pub measures: Vec<(String, Option<f64>)>,
+    pub tiles: TileScores,
+    pub stage_ms: StageTimes,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageTimes {
+    pub open: f64,
+    pub mask: f64,
+    pub read_decode: f64,
+    pub infer: f64,
+    pub aggregate: f64,
+}
+
+/// Why an analysis stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    /// The analysis was cancelled (or its lease lost) between batches.
+    #[error("cancelled")]
+    Cancelled,
+    /// The slide cannot be analysed; the reason is for people (stored with the analysis).
+    #[error("{0}")]
+    Refused(String),
+    /// Inference failed (may succeed on another attempt).
+    #[error("{0}")]
+    Inference(String),
+}
+
+impl From<SlideError> for Stopped {
+    fn from(e: SlideError) -> Self {
+        Self::Refused(e.to_string())
+    }
+}
+
+/// Level-0 pixels per mask pixel, relative to a tile: 8 × 8 mask pixels per analysis tile.
+const MASK_PER_TILE: f64 = 8.0;
+/// The mask is never larger than this on its long side.
+const MASK_MAX: f64 = 4096.0;
+
+/// Runs the analysis. `progress(done, total)` is called after every batch; returning false stops
+/// it (cancelled). Blocking: run it off the async threads.
+pub fn analyse(
+    path: &Path,
+    plan: &Plan<'_>,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Analysed, Stopped> {
+    let mut times = StageTimes::default();
+    let started = Instant::now();
+    let slide = TiffSlide::open(path)?;
+    times.open = ms(started);
+
+    let spec = plan.spec;
+    let size = spec.tile_size as usize;
+    // One model tile covers this many level-0 pixels; it is read from the coarsest level that is
+    // at least as fine as the model's resolution, and resized — never upsampled from a coarser one.
+    let tile0 = f64::from(spec.tile_size) * spec.mpp / plan.mpp;
+    let wanted_ds = tile0 / f64::from(spec.tile_size);
+    let (level, ds) = slide
+        .levels
+        .iter()
+        .enumerate()
+        .rfind(|(_, l)| l.downsample <= wanted_ds * 1.001)
+        .map(|(i, l)| (i, l.downsample))
+        .ok_or_else(|| {
+            Stopped::Refused(format!(
+                "the slide's finest level ({:.3} µm/pixel) is coarser than the model's {} µm/pixel",
+                plan.mpp, spec.mpp
+            ))
+        })?;
+    let base = &slide.levels[0];
+    let cols = (f64::from(base.width) / tile0).floor() as u32;
+    let rows = (f64::from(base.height) / tile0).floor() as u32;
+    if cols == 0 || rows == 0 {
+        return Err(Stopped::Refused(format!(
+            "the slide ({} x {} pixels) is smaller than one {:.0}-pixel tile at {} µm/pixel",
+            base.width, base.height, tile0, spec.mpp
+        )));
+    }
+
+    let started = Instant::now();
+    let mask = Mask::build(&slide, tile0)?;
+    times.mask = ms(started);
+    if mask.tissue_pixels == 0 {
+        return Err(Stopped::Refused(
+            "no tissue found on the slide (the tissue mask is empty)".into(),
+        ));
+    }
+    let grid: Vec<(u32, u32)> = (0..rows)
+        .flat_map(|r| (0..cols).map(move |c| (c, r)))
+        .filter(|&(c, r)| {
+            mask.coverage(f64::from(c) * tile0, f64::from(r) * tile0, tile0) >= spec.min_tissue
+        })
+        .collect();
+    if grid.is_empty() {
+        return Err(Stopped::Refused(format!(
+            "no tile of the grid is at least {:.0} % tissue",
+            spec.min_tissue * 100.0
+        )));
+    }
+
+    let read_size = (tile0 / ds).round().max(1.0) as u32;
+    let outputs = std::iter::once(spec.tissue_output.clone())
+        .chain(spec.measures.iter().map(|m| m.output.clone()))
+        .collect::<Vec<_>>();
+    let total = grid.len();
+    let mut tiles = TileScores {
+        tile_size_level0: tile0,
+        measures: spec.measures.iter().map(|m| m.name.clone()).collect(),
+        ..TileScores::default()
+    };
+    let mut read_decode_ms = 0.0;
+    let mut infer_ms = 0.0;
+    let batches: Vec<&[(u32, u32)]> = grid.chunks(plan.batch.max(1)).collect();
+    std::thread::scope(|scope| -> Result<(), Stopped> {
+        // Decoding runs one batch ahead of inference: two batches in flight at most.
+        let (send, receive) = sync_channel::<Result<(Vec<f32>, f64), Stopped>>(1);
+        let slide = &slide;
+        let batches = &batches;
+        scope.spawn(move || {
+            for batch in batches {
+                let started = Instant::now();
+                let decoded: Result<Vec<Vec<f32>>, Stopped> = batch
+                    .par_iter()
+                    .map(|&(c, r)| {
+                        let x = (f64::from(c) * tile0 / ds).round() as u32;
+                        let y = (f64::from(r) * tile0 / ds).round() as u32;
+                        let rgb = slide.region(level, x, y, read_size, read_size)?;
+                        Ok(planar(&resized(rgb, spec.tile_size)))
+                    })
+                    .collect();
+                let message = decoded.map(|tiles| (tiles.concat(), ms(started)));
+                let failed = message.is_err();
+                if send.send(message).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut done = 0;
+        for batch in batches {
+            let (pixels, decode_ms) = receive
+                .recv()
+                .map_err(|_| Stopped::Refused("the tile reader stopped".into()))??;
+            read_decode_ms += decode_ms;
+            let started = Instant::now();
+            let values = plan
+                .onnx
+                .predict_tiles(&pixels, batch.len(), size, &outputs)
+                .map_err(|e| Stopped::Inference(format!("{e:#}")))?;
+            infer_ms += ms(started);
+            for (i, &(c, r)) in batch.iter().enumerate() {
+                tiles.xs.push((f64::from(c) * tile0).round() as i32);
+                tiles.ys.push((f64::from(r) * tile0).round() as i32);
+                tiles.tissue.push(values[0][i] as f32);
+                tiles
+                    .scores
+                    .extend(values[1..].iter().map(|column| column[i] as f32));
+            }
+            done += batch.len();
+            if !progress(done, total) {
+                return Err(Stopped::Cancelled);
+            }
+        }
+        Ok(())
+    })?;
+    times.read_decode = read_decode_ms;
+    times.infer = infer_ms;
+
+    let started = Instant::now();
+    let width = tiles.measures.len();
+    let weight: f64 = tiles.tissue.iter().map(|&w| f64::from(w)).sum();
+    let measures = tiles
+        .measures
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let sum: f64 = tiles
+                .tissue
+                .iter()
+                .zip(tiles.scores.chunks(width))
+                .map(|(&w, row)| f64::from(w) * f64::from(row[k]))
+                .sum();
+            (name.clone(), (weight > 0.0).then(|| sum / weight))
+        })
+        .collect();
+    times.aggregate = ms(started);
+    Ok(Analysed {
+        tissue_fraction: mask.tissue_pixels as f64 / mask.cells() as f64,
+        tiles_in_grid: (cols * rows) as usize,
+        level,
+        level_downsample: ds,
+        measures,
+        tiles,
+        stage_ms: times,
+    })
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn resized(rgb: Rgb, size: u32) -> Rgb {
+    if rgb.width == size && rgb.height == size {
+        return rgb;
+    }
+    let Some(image) = image::RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels) else {
+        return Rgb {
+            width: size,
+            height: size,
+            pixels: vec![255; (size * size * 3) as usize],
+        };
+    };
+    let out = image::imageops::resize(&image, size, size, FilterType::Triangle);
+    Rgb {
+        width: size,
+        height: size,
+        pixels: out.into_raw(),
+    }
+}
+
+/// Interleaved RGB bytes to planar float32 (C, H, W), as the model's input wants.
+fn planar(rgb: &Rgb) -> Vec<f32> {
+    let n = (rgb.width * rgb.height) as usize;
+    let mut out = vec![0.0_f32; 3 * n];
+    for (i, px) in rgb.pixels.chunks_exact(3).enumerate() {
+        out[i] = f32::from(px[0]);
+        out[n + i] = f32::from(px[1]);
+        out[2 * n + i] = f32::from(px[2]);
+    }
+    out
+}
+
+/// The tissue mask: one cell per `scale` level-0 pixels a side.
+#[derive(Debug)]
+pub struct Mask {
+    width: usize,
+    height: usize,
+    /// Level-0 pixels per cell side.
+    scale: f64,
+    tissue: Vec<bool>,
+    tissue_pixels: usize,
+}
+
+impl Mask {
+    /// Reads the coarsest level that still gives 8 × 8 cells per tile, averages its pixels into
+    /// cells, and marks tissue: saturation above Otsu's threshold (at least 0.05), not black, and
+    /// not part of a speck smaller than a quarter tile.
+    fn build(slide: &TiffSlide, tile0: f64) -> Result<Self, SlideError> {
+        let base = &slide.levels[0];
+        let scale = (tile0 / MASK_PER_TILE)
+            .max(f64::from(base.width.max(base.height)) / MASK_MAX)
+            .max(1.0);
+        let (index, level) = slide
+            .levels
+            .iter()
+            .enumerate()
+            .rfind(|(_, l)| l.downsample <= scale)
+            .unwrap_or((0, base));
+        let width = (f64::from(base.width) / scale).ceil() as usize;
+        let height = (f64::from(base.height) / scale).ceil() as usize;
+        let mut sums = vec![[0.0_f64; 4]; width * height];
+        let per_cell = scale / level.downsample;
+        let tiles: Vec<(u32, u32)> = (0..level.tiles_down())
+            .flat_map(|r| (0..level.tiles_across()).map(move |c| (c, r)))
+            .collect();
+        let decoded: Result<Vec<(u32, u32, Rgb)>, SlideError> = tiles
+            .par_iter()
+            .map(|&(c, r)| slide.tile(index, c, r).map(|t| (c, r, t)))
+            .collect();
+        for (c, r, tile) in decoded? {
+            let (x0, y0) = (c * level.tile_width, r * level.tile_height);
+            for ty in 0..tile.height.min(level.height.saturating_sub(y0)) {
+                let cy = (f64::from(y0 + ty) / per_cell) as usize;
+                for tx in 0..tile.width.min(level.width.saturating_sub(x0)) {
+                    let cx = (f64::from(x0 + tx) / per_cell) as usize;
+                    if cx >= width || cy >= height {
+                        continue;
+                    }
+                    let p = &tile.pixels[((ty * tile.width + tx) * 3) as usize..][..3];
+                    let cell = &mut sums[cy * width + cx];
+                    cell[0] += f64::from(p[0]);
+                    cell[1] += f64::from(p[1]);
+                    cell[2] += f64::from(p[2]);
+                    cell[3] += 1.0;
+                }
+            }
+        }
+        // Saturation and brightness per cell; cells with no pixels are background.
+        let cells: Vec<(f64, f64)> = sums
+            .iter()
+            .map(|s| {
+                if s[3] == 0.0 {
+                    return (0.0, 255.0);
+                }
+                let rgb = [s[0] / s[3], s[1] / s[3], s[2] / s[3]];
+                let max = rgb.iter().copied().fold(0.0, f64::max);
+                let min = rgb.iter().copied().fold(255.0, f64::min);
+                let saturation = if max > 0.0 { (max - min) / max } else { 0.0 };
+                (saturation, max)
+            })
+            .collect();
+        let threshold = otsu(cells.iter().map(|c| c.0)).max(0.05);
+        let mut tissue: Vec<bool> = cells
+            .iter()
+            .map(|&(s, v)| s > threshold && v > 25.0)
+            .collect();
+        let min_object = ((MASK_PER_TILE * MASK_PER_TILE) / 4.0) as usize;
+        remove_specks(&mut tissue, width, height, min_object);
+        let tissue_pixels = tissue.iter().filter(|&&t| t).count();
+        Ok(Self {
+            width,
+            height,
+            scale,
+            tissue,
+            tissue_pixels,
+        })
+    }
+
+    fn cells(&self) -> usize {
+        self.width * self.height
+    }
+
+    /// The tissue fraction of a square of level-0 pixels.
+    fn coverage(&self, x: f64, y: f64, side: f64) -> f64 {
+        let x0 = (x / self.scale).floor() as usize;
+        let y0 = (y / self.scale).floor() as usize;
+        let x1 = (((x + side) / self.scale).ceil() as usize).min(self.width);
+        let y1 = (((y + side) / self.scale).ceil() as usize).min(self.height);
+        if x0 >= x1 || y0 >= y1 {
+            return 0.0;
+        }
+        let mut tissue = 0;
+        for cy in y0..y1 {
+            tissue += self.tissue[cy * self.width + x0..cy * self.width + x1]
+                .iter()
+                .filter(|&&t| t)
+                .count();
+        }
+        tissue as f64 / ((x1 - x0) * (y1 - y0)) as f64
+    }
+}
+
+/// Otsu's threshold of values in [0, 1] (256 bins).
+fn otsu(values: impl Iterator<Item = f64>) -> f64 {
+    let mut histogram = [0_u64; 256];
+    let mut n = 0_u64;
+    for v in values {
+        histogram[(v.clamp(0.0, 1.0) * 255.0).round() as usize] += 1;
+        n += 1;
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    let total: f64 = histogram
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| i as f64 * c as f64)
+        .sum();
+    let (mut below, mut below_sum, mut best, mut best_at) = (0.0, 0.0, -1.0, 0);
+    for (i, &count) in histogram.iter().enumerate() {
+        below += count as f64;
+        if below == 0.0 {
+            continue;
+        }
+        let above = n as f64 - below;
+        if above == 0.0 {
+            break;
+        }
+        below_sum += i as f64 * count as f64;
+        let mean_below = below_sum / below;
+        let mean_above = (total - below_sum) / above;
+        let between = below * above * (mean_below - mean_above).powi(2);
+        if between > best {
+            best = between;
+            best_at = i;
+        }
+    }
+    (best_at as f64 + 0.5) / 255.0
+}
+
+/// Clears 4-connected groups of tissue cells smaller than `min` cells.
+fn remove_specks(mask: &mut [bool], width: usize, height: usize, min: usize) {
+    let mut seen = vec![false; mask.len()];
+    let mut stack = Vec::new();
+    let mut group = Vec::new();
+    for start in 0..mask.len() {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        group.clear();
+        stack.push(start);
+        seen[start] = true;
+        while let Some(i) = stack.pop() {
+            group.push(i);
+            let (x, y) = (i % width, i / width);
+            let neighbours = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < width).then(|| i + 1),
+                (y > 0).then(|| i - width),
+                (y + 1 < height).then(|| i + width),
+            ];
+            for j in neighbours.into_iter().flatten() {
+                if mask[j] && !seen[j] {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            }
+        }
+        if group.len() < min {
+            for &i in &group {
+                mask[i] = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otsu_splits_two_groups() {
+        let values = (0..100).map(|i| if i < 60 { 0.02 } else { 0.6 });
+        let t = otsu(values);
+        assert!(t > 0.02 && t < 0.6, "{t}");
+    }
+
+    #[test]
+    fn specks_smaller_than_the_minimum_are_removed() {
+        // A 2-cell speck and a 6-cell block in a 5 x 4 mask.
+        let mut mask = vec![
+            true, true, false, false, false, //
+            false, false, false, true, true, //
+            false, false, false, true, true, //
+            false, false, false, true, true, //
+        ];
+        remove_specks(&mut mask, 5, 4, 4);
+        assert_eq!(mask.iter().filter(|&&t| t).count(), 6);
+        assert!(!mask[0] && !mask[1]);
+    }
+
+    #[test]
+    fn planar_layout_puts_each_channel_in_its_own_plane() {
+        let rgb = Rgb {
+            width: 2,
+            height: 1,
+            pixels: vec![1, 2, 3, 4, 5, 6],
+        };
+        assert_eq!(planar(&rgb), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}
