@@ -54,7 +54,16 @@ pub fn router(state: AppState) -> Router {
             "/v1/models/{name}/versions/{version}/retire",
             post(models::retire),
         )
+        .route(
+            "/v1/analyses/{id}/heatmap.png",
+            get(analyses::pictures::heatmap),
+        )
+        .route(
+            "/v1/analyses/{id}/tiles.geojson",
+            get(analyses::pictures::geojson),
+        )
         .route("/v1/slides/{id}", get(slides::get))
+        .route("/v1/slides/{id}/thumbnail", get(slides::thumbnail))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::NotFound })

@@ -19,6 +19,8 @@ use utoipa::{Modify, OpenApi};
         analyses::read::list,
         analyses::read::get,
         analyses::cancel::cancel,
+        analyses::pictures::heatmap,
+        analyses::pictures::geojson,
         models::list,
         models::get,
         models::version,
@@ -27,6 +29,7 @@ use utoipa::{Modify, OpenApi};
         models::retire,
         slides::upload,
         slides::get,
+        slides::thumbnail,
         health::healthz,
         health::readyz
     ),

@@ -282,3 +282,37 @@ pub async fn get(
         .ok_or(ApiError::NotFound)?;
     Ok(Json(view(record)))
 }
+
+/// The whole slide, small (PNG, long side at most 1024 pixels).
+#[utoipa::path(get, path = "/v1/slides/{id}/thumbnail", tag = "slides", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The slide id")),
+    responses(
+        (status = 200, description = "The thumbnail", content_type = "image/png"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such slide in the caller's tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The slide's levels cannot be read for a thumbnail (e.g. stored in strips)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn thumbnail(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    principal.require(&[Role::Submitter, Role::Clinician, Role::Admin])?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let record = repo::slides::find(&state.pool, &principal.tenant, Key::Id(id))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let path = state.blobs.path_of(&record.blob_key);
+    let png = tokio::task::spawn_blocking(move || {
+        crate::slides::read::TiffSlide::open(&path)?
+            .overview(1024)?
+            .png()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("thumbnail rendering died: {e}"))?
+    .map_err(|e| {
+        ApiError::Validation(vec![FieldError::new("slide", "unreadable", e.to_string())])
+    })?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}

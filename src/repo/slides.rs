@@ -1,6 +1,7 @@
 //! Slides: one row per distinct file per tenant, read back only within the caller's tenant.
 
 use crate::domain::ids::TenantId;
+use crate::slides::analyse::TileScores;
 use crate::slides::{Level, SlideInfo};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
@@ -93,6 +94,23 @@ pub async fn find(
         tenant.as_str(),
         id,
         digest,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// The per-tile scores of a finished slide analysis of `tenant`.
+pub async fn tiles(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    analysis: Uuid,
+) -> sqlx::Result<Option<TileScores>> {
+    sqlx::query_as!(
+        TileScores,
+        "select tile_size_level0, xs, ys, tissue, measures, scores
+         from analysis_tiles where tenant_id = $1 and analysis_id = $2",
+        tenant.as_str(),
+        analysis,
     )
     .fetch_optional(db)
     .await

@@ -304,3 +304,55 @@ fn layout(d: &mut Decoder<BufReader<File>>) -> Option<Layout> {
     let photometric = d.get_tag_u32(Tag::PhotometricInterpretation).unwrap_or(2) as u16;
     Some((offsets, counts, tables, compression, photometric))
 }
+
+impl TiffSlide {
+    /// The whole slide, downscaled so that its long side is at most `max_side` pixels, read from
+    /// the coarsest level. Refused when even that level is too large to read whole.
+    pub fn overview(&self, max_side: u32) -> Result<Rgb, SlideError> {
+        let (index, level) = self
+            .levels
+            .iter()
+            .enumerate()
+            .next_back()
+            .ok_or_else(|| SlideError::Invalid("the slide has no level".into()))?;
+        if u64::from(level.width) * u64::from(level.height) > 64 << 20 {
+            return Err(SlideError::Unsupported(format!(
+                "the slide's coarsest level ({} x {}) is too large for an overview",
+                level.width, level.height
+            )));
+        }
+        let whole = self.region(index, 0, 0, level.width, level.height)?;
+        let scale = f64::from(max_side) / f64::from(level.width.max(level.height));
+        if scale >= 1.0 {
+            return Ok(whole);
+        }
+        let width = ((f64::from(level.width) * scale).round() as u32).max(1);
+        let height = ((f64::from(level.height) * scale).round() as u32).max(1);
+        let image = image::RgbImage::from_raw(whole.width, whole.height, whole.pixels)
+            .ok_or_else(|| SlideError::Invalid("the overview does not fit its size".into()))?;
+        let small =
+            image::imageops::resize(&image, width, height, image::imageops::FilterType::Triangle);
+        Ok(Rgb {
+            width,
+            height,
+            pixels: small.into_raw(),
+        })
+    }
+}
+
+impl Rgb {
+    /// PNG bytes of the image.
+    pub fn png(&self) -> Result<Vec<u8>, SlideError> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::write_buffer_with_format(
+            &mut out,
+            &self.pixels,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| SlideError::Invalid(format!("the picture cannot be encoded: {e}")))?;
+        Ok(out.into_inner())
+    }
+}

@@ -357,6 +357,60 @@ async fn an_svs_slide_is_analysed_end_to_end_with_its_tissue_tiles_and_stain_mea
             .unwrap();
     assert_eq!(xs.len() as u64, analysed);
     assert_eq!(scores.len() as u64, 2 * analysed);
+
+    // The tiles as QuPath-importable GeoJSON, in level-0 pixels.
+    let geo = app
+        .get(&format!("/v1/analyses/{id}/tiles.geojson"), &token)
+        .await;
+    assert_eq!(geo.status(), 200);
+    assert_eq!(geo.headers()["content-type"], "application/geo+json");
+    let geo: Value = geo.json().await.unwrap();
+    assert_eq!(geo["type"], "FeatureCollection");
+    let features = geo["features"].as_array().unwrap();
+    assert_eq!(features.len() as u64, analysed);
+    let ring = features[0]["geometry"]["coordinates"][0]
+        .as_array()
+        .unwrap();
+    assert_eq!((ring.len(), &ring[0]), (5, &ring[4]));
+    let side = ring[1][0].as_f64().unwrap() - ring[0][0].as_f64().unwrap();
+    assert!((side - tile0).abs() < 1e-9);
+    let measured = &features[0]["properties"]["measurements"];
+    assert!(measured["haematoxylin_od"].is_number() && measured["tissue_fraction"].is_number());
+
+    // The heatmap: the slide's overview (long side 1024) with a colour bar below it.
+    let heat = app
+        .get(&format!("/v1/analyses/{id}/heatmap.png"), &token)
+        .await;
+    assert_eq!(heat.status(), 200);
+    assert_eq!(heat.headers()["x-onkos-heatmap-measure"], "haematoxylin_od");
+    let low: f64 = heat.headers()["x-onkos-heatmap-min"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let high: f64 = heat.headers()["x-onkos-heatmap-max"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(low < high, "{low} {high}");
+    let picture = image::load_from_memory(&heat.bytes().await.unwrap()).unwrap();
+    assert_eq!((picture.width(), picture.height()), (766, 1024 + 34));
+    let thumb = app
+        .get(&format!("/v1/slides/{slide}/thumbnail"), &token)
+        .await;
+    assert_eq!(thumb.status(), 200);
+    let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (766, 1024));
+    // Another tenant sees none of it.
+    let bergen = app.token("bergen", "clinician");
+    for path in ["heatmap.png", "tiles.geojson"] {
+        assert_problem(
+            app.get(&format!("/v1/analyses/{id}/{path}"), &bergen).await,
+            404,
+        )
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -399,6 +453,13 @@ async fn a_slide_analysis_cancelled_while_it_runs_stops_at_the_next_tile_batch()
         .await;
     let claimed = app.worker.claim().await.unwrap();
     assert_eq!(claimed.len(), 1);
+    // Not finished: no pictures yet.
+    assert_problem(
+        app.get(&format!("/v1/analyses/{id}/heatmap.png"), &token)
+            .await,
+        409,
+    )
+    .await;
     let url = format!("{}/v1/analyses/{id}", app.base);
     let cancel = app.client.delete(&url).bearer_auth(&token).send().await;
     assert_eq!(cancel.unwrap().status(), 200);

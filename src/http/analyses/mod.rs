@@ -1,6 +1,7 @@
 //! `/v1/analyses`: submit analyses (one as JSON, many as CSV), read, wait for, list and cancel them.
 
 pub mod cancel;
+pub mod pictures;
 pub mod read;
 pub mod submit;
 

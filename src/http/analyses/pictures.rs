@@ -1,0 +1,197 @@
+//! What a slide analysis looked at, as pictures: the tile scores as a heatmap over the slide
+//! (`heatmap.png`) and as GeoJSON polygons in level-0 pixels that QuPath imports (`tiles.geojson`).
+
+use crate::app::AppState;
+use crate::auth::{Principal, Role};
+use crate::domain::analysis::Status;
+use crate::domain::ids::AnalysisId;
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::repo;
+use crate::repo::slides::Key;
+use crate::slides::analyse::TileScores;
+use crate::slides::heatmap::{Layer, render};
+use crate::slides::read::TiffSlide;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+/// Long side of the heatmap, in pixels.
+const HEATMAP_SIDE: u32 = 1024;
+
+/// The finished slide analysis `id` of the caller's tenant, its tiles, and the read audited.
+async fn finished(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    action: &str,
+) -> ApiResult<(repo::analyses::AnalysisRecord, TileScores)> {
+    principal.require(&[Role::Submitter, Role::Clinician, Role::Admin])?;
+    let id = Uuid::parse_str(id)
+        .map(AnalysisId)
+        .map_err(|_| ApiError::NotFound)?;
+    let record = repo::analyses::find(&state.pool, &principal.tenant, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if matches!(
+        Status::parse(&record.status),
+        Some(Status::Queued | Status::Running)
+    ) {
+        return Err(ApiError::Conflict(
+            "the analysis is not finished yet; wait for it with GET /v1/analyses/{id}?wait=30s"
+                .into(),
+        ));
+    }
+    let tiles = repo::slides::tiles(&state.pool, &principal.tenant, id.0)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    repo::audit::record(
+        &state.pool,
+        &principal.tenant,
+        &principal.subject,
+        action,
+        "analysis",
+        &id.to_string(),
+    )
+    .await?;
+    Ok((record, tiles))
+}
+
+/// The tile scores of a slide analysis over the slide (PNG), with a colour bar.
+///
+/// The measure shown is the model's `heatmap` measure; the colour bar spans its minimum (left) to
+/// its maximum (right) over the analysed tiles, as also stated in the `X-Onkos-Heatmap-*` headers.
+#[utoipa::path(get, path = "/v1/analyses/{id}/heatmap.png", tag = "analyses", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "A finished slide analysis")),
+    responses(
+        (status = 200, description = "The heatmap", content_type = "image/png",
+            headers(("X-Onkos-Heatmap-Measure" = String, description = "The measure shown"),
+                    ("X-Onkos-Heatmap-Min" = f64, description = "Value at the colour bar's left end"),
+                    ("X-Onkos-Heatmap-Max" = f64, description = "Value at the colour bar's right end"))),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such slide analysis with tile scores in the caller's tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The analysis is not finished", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn heatmap(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (record, tiles) = finished(&state, &principal, &id, "analysis.heatmap").await?;
+    let model = state
+        .registry
+        .version(&record.model_name, &record.model_version)
+        .await?;
+    let measure = model
+        .manifest
+        .slide
+        .as_ref()
+        .map(|s| s.heatmap.clone())
+        .ok_or(ApiError::NotFound)?;
+    let column = tiles
+        .measures
+        .iter()
+        .position(|m| *m == measure)
+        .ok_or_else(|| anyhow::anyhow!("stored tiles lack the heatmap measure {measure}"))?;
+    let slide_id = record
+        .result
+        .as_ref()
+        .and_then(|r| r["slide"]["id"].as_str())
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| anyhow::anyhow!("the stored result names no slide"))?;
+    let slide = repo::slides::find(&state.pool, &principal.tenant, Key::Id(slide_id))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let path = state.blobs.path_of(&slide.blob_key);
+    let (width, height) = (slide.width, slide.height);
+    let (png, scale) = tokio::task::spawn_blocking(move || {
+        let overview = TiffSlide::open(&path)?.overview(HEATMAP_SIDE)?;
+        let stride = tiles.measures.len();
+        let layer = Layer {
+            width: u32::try_from(width).unwrap_or(u32::MAX),
+            height: u32::try_from(height).unwrap_or(u32::MAX),
+            tile_size_level0: tiles.tile_size_level0,
+            xs: &tiles.xs,
+            ys: &tiles.ys,
+            values: tiles.scores.chunks(stride).map(|row| row[column]).collect(),
+        };
+        let (picture, scale) = render(&overview, &layer);
+        Ok::<_, crate::slides::SlideError>((picture.png()?, scale))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("heatmap rendering died: {e}"))?
+    .map_err(|e| anyhow::anyhow!("heatmap: {e}"))?;
+    let mut response = ([(header::CONTENT_TYPE, "image/png")], png).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-onkos-heatmap-measure", measure),
+        ("x-onkos-heatmap-min", scale.min.to_string()),
+        ("x-onkos-heatmap-max", scale.max.to_string()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
+}
+
+/// The analysed tiles as a GeoJSON FeatureCollection: one square polygon per tile, in level-0
+/// pixel coordinates (x right, y down, as QuPath uses them), with the tile's measures.
+#[utoipa::path(get, path = "/v1/analyses/{id}/tiles.geojson", tag = "analyses", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "A finished slide analysis")),
+    responses(
+        (status = 200, description = "The tiles", content_type = "application/geo+json", body = Object),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such slide analysis with tile scores in the caller's tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The analysis is not finished", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn geojson(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (record, tiles) = finished(&state, &principal, &id, "analysis.tiles").await?;
+    let side = tiles.tile_size_level0;
+    let stride = tiles.measures.len().max(1);
+    let features: Vec<Value> = tiles
+        .xs
+        .iter()
+        .zip(&tiles.ys)
+        .zip(&tiles.tissue)
+        .zip(tiles.scores.chunks(stride))
+        .map(|(((&x, &y), &tissue), row)| {
+            let (x, y) = (f64::from(x), f64::from(y));
+            let mut measurements = Map::new();
+            measurements.insert("tissue_fraction".into(), json!(tissue));
+            for (name, value) in tiles.measures.iter().zip(row) {
+                measurements.insert(name.clone(), json!(value));
+            }
+            json!({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[
+                    [x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]
+                ]]},
+                "properties": {"objectType": "tile", "measurements": measurements},
+            })
+        })
+        .collect();
+    let body = json!({
+        "type": "FeatureCollection",
+        "properties": {
+            "analysis": record.id,
+            "model": record.model_name,
+            "model_version": record.model_version,
+            "coordinates": "level-0 pixels of the slide, x right, y down",
+            "tile_size_level0": side,
+        },
+        "features": features,
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/geo+json")],
+        serde_json::to_vec(&body).map_err(anyhow::Error::from)?,
+    )
+        .into_response())
+}
