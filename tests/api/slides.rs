@@ -483,3 +483,51 @@ async fn slide_jobs_are_claimed_one_at_a_time() {
     assert_eq!(worker.claim().await.unwrap().len(), 1);
     assert_eq!(app.worker.another().claim().await.unwrap().len(), 1);
 }
+
+/// Peak resident memory of this process (the test runs the server in process).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_gigabyte_upload_streams_to_disk_without_growing_memory() {
+    const MIB: usize = 1 << 20;
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    // 1 GiB that starts like a TIFF but is not one: streamed, hashed, inspected, refused.
+    let mut first = vec![0xAB_u8; MIB];
+    first[..4].copy_from_slice(b"II*\0");
+    let (first, rest) = (
+        bytes::Bytes::from(first),
+        bytes::Bytes::from(vec![0xAB_u8; MIB]),
+    );
+    let chunks = (0..1024)
+        .map(move |i| Ok::<_, std::io::Error>(if i == 0 { first.clone() } else { rest.clone() }));
+    let before = peak_rss_bytes();
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/slides", app.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 422).await;
+    let grown = peak_rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 128 * MIB as u64,
+        "peak memory grew by {} MiB",
+        grown / MIB as u64
+    );
+    assert_eq!(stored_files(&app), (0, 0));
+    assert_eq!(app.rows("slides").await, 0);
+}
