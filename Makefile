@@ -10,7 +10,7 @@ ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps postgres lint openapi sqlx-prepare models bench
+.PHONY: run test deps postgres lint openapi sqlx-prepare models bench bench-slides
 
 run: deps
 	cargo run --release --locked -- serve
@@ -60,3 +60,9 @@ bench: deps
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends wrk; }
 	SQLX_OFFLINE=true cargo build --release --locked
 	tests/bench/run.sh
+
+
+# The slide pipeline against libjpeg-turbo's decode limit and OpenSlide (BENCHMARKS.md).
+bench-slides: deps
+	SQLX_OFFLINE=true cargo build --release --locked
+	tests/bench/slides.sh

@@ -63,6 +63,16 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Run the slide pipeline on one slide file and, in the same run, decode all its level-0
+    /// tiles on all cores (the limit the pipeline is measured against)
+    BenchSlide {
+        #[arg(long)]
+        slide: PathBuf,
+        #[arg(long, default_value = "he-stain-quantification")]
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+    },
 }
 
 #[tokio::main]
@@ -83,6 +93,17 @@ async fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_secs(seconds),
             )?;
             println!("{rate:.0}");
+        }
+        Command::BenchSlide {
+            slide,
+            model,
+            batch,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            println!(
+                "{}",
+                onkos::slides::bench::run(&config, &slide, &model, batch)?
+            );
         }
         Command::Token {
             tenant,

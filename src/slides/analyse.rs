@@ -148,6 +148,8 @@ pub fn analyse(
     }
 
     let read_size = (tile0 / ds).round().max(1.0) as u32;
+    // Grid rows are read in order: keeping three rows of file tiles decodes each tile once.
+    slide.keep_tiles((slide.levels[level].tiles_across() as usize * 3).min(2048));
     let outputs = std::iter::once(spec.tissue_output.clone())
         .chain(spec.measures.iter().map(|m| m.output.clone()))
         .collect::<Vec<_>>();

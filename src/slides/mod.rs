@@ -2,6 +2,7 @@
 //! (levels, tile sizes), resolution (µm per pixel) and objective from its TIFF structure.
 
 pub mod analyse;
+pub mod bench;
 pub mod heatmap;
 pub mod read;
 

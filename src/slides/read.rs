@@ -8,17 +8,21 @@
 //! other compressions (deflate, LZW, none …) are decoded by the `tiff` crate.
 
 use super::{Directory, SlideError, directory, pyramid};
+use lru::LruCache;
 use std::fs::File;
 use std::io::BufReader;
+use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tiff::decoder::{Decoder, DecodingResult};
 use tiff::tags::Tag;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 
 const JPEG: u16 = 7;
+/// Decoded tiles kept by default (about 48 MB of 256 x 256 tiles).
+const CACHED_TILES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 const PHOTOMETRIC_RGB: u16 = 2;
 
 /// One tiled level, with where its tiles are in the file.
@@ -56,6 +60,8 @@ pub struct TiffSlide {
     pub levels: Vec<TiledLevel>,
     /// For tiles the fast path does not decode.
     decoder: Mutex<Decoder<BufReader<File>>>,
+    /// Recently decoded tiles: neighbouring regions share file tiles, which are decoded once.
+    cache: Mutex<LruCache<(usize, u32, u32), Arc<Rgb>>>,
 }
 
 /// An RGB image, 3 bytes per pixel, row by row.
@@ -132,6 +138,7 @@ impl TiffSlide {
             file,
             levels,
             decoder: Mutex::new(decoder),
+            cache: Mutex::new(LruCache::new(CACHED_TILES)),
         })
     }
 
@@ -249,6 +256,32 @@ impl TiffSlide {
         Ok(rgb)
     }
 
+    /// Keeps up to `tiles` decoded tiles (at least the default), e.g. a few rows of the level a
+    /// grid is read from.
+    pub fn keep_tiles(&self, tiles: usize) {
+        if let (Ok(mut cache), Some(n)) = (self.cache.lock(), NonZeroUsize::new(tiles)) {
+            cache.resize(n.max(CACHED_TILES));
+        }
+    }
+
+    fn cached_tile(&self, level: usize, col: u32, row: u32) -> Result<Arc<Rgb>, SlideError> {
+        let key = (level, col, row);
+        if let Some(tile) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(&key).cloned())
+        {
+            return Ok(tile);
+        }
+        // Decoded outside the lock: two threads may decode the same tile once each, never wait.
+        let tile = Arc::new(self.tile(level, col, row)?);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.put(key, Arc::clone(&tile));
+        }
+        Ok(tile)
+    }
+
     /// A region of a level, in that level's pixels, composed from its tiles. What lies outside
     /// the level is white (background).
     pub fn region(
@@ -274,7 +307,7 @@ impl TiffSlide {
         }
         for row in y / l.tile_height..=(y_end - 1) / l.tile_height {
             for col in x / l.tile_width..=(x_end - 1) / l.tile_width {
-                let tile = self.tile(level, col, row)?;
+                let tile = self.cached_tile(level, col, row)?;
                 let (tx, ty) = (col * l.tile_width, row * l.tile_height);
                 let (from_x, to_x) = (x.max(tx), x_end.min(tx + l.tile_width));
                 for py in y.max(ty)..y_end.min(ty + l.tile_height) {
