@@ -55,11 +55,26 @@ pub struct SlideStages {
     pub tiles_per_second: f64,
 }
 
+/// One of the tiles that scored highest on the heatmap measure: where to look.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Evidence {
+    /// 1 = highest; its crop is `GET /v1/analyses/{id}/evidence/{rank}.jpg`.
+    pub rank: usize,
+    /// Top-left corner and side, in level-0 pixels.
+    pub x: i32,
+    pub y: i32,
+    pub size: f64,
+    pub measure: String,
+    pub value: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SlideResult {
     pub schema: String,
     pub slide: SlideSummary,
     pub measurements: Vec<Measurement>,
+    /// The highest-scoring tiles on the heatmap measure, highest first.
+    pub evidence: Vec<Evidence>,
     pub stages: SlideStages,
     pub intended_use: String,
 }

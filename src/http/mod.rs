@@ -62,6 +62,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/analyses/{id}/tiles.geojson",
             get(analyses::pictures::geojson),
         )
+        .route(
+            "/v1/analyses/{id}/evidence/{rank}",
+            get(analyses::pictures::evidence),
+        )
         .route("/v1/slides/{id}", get(slides::get))
         .route("/v1/slides/{id}/thumbnail", get(slides::thumbnail))
         .route("/healthz", get(health::healthz))

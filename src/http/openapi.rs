@@ -21,6 +21,7 @@ use utoipa::{Modify, OpenApi};
         analyses::cancel::cancel,
         analyses::pictures::heatmap,
         analyses::pictures::geojson,
+        analyses::pictures::evidence,
         models::list,
         models::get,
         models::version,

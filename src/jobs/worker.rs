@@ -6,7 +6,9 @@ use crate::config::Config;
 use crate::domain::contract::RangeFlag;
 use crate::domain::ids::TenantId;
 use crate::domain::result::ModelOutputs;
-use crate::domain::result::{Measurement, SLIDE_SCHEMA, SlideResult, SlideStages, SlideSummary};
+use crate::domain::result::{
+    Evidence, Measurement, SLIDE_SCHEMA, SlideResult, SlideStages, SlideSummary,
+};
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
 use crate::repo;
@@ -496,6 +498,9 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
     Some(listener)
 }
 
+/// Evidence tiles listed in a slide result.
+const EVIDENCE_TILES: usize = 8;
+
 /// The result document of a slide analysis, and its tile scores.
 fn slide_result(
     model: &LoadedModel,
@@ -519,8 +524,39 @@ fn slide_result(
             }
         })
         .collect();
+    let evidence = spec
+        .and_then(|s| {
+            let column = a.tiles.measures.iter().position(|m| *m == s.heatmap)?;
+            let width = a.tiles.measures.len();
+            let mut ranked: Vec<(usize, f32)> = a
+                .tiles
+                .scores
+                .chunks(width)
+                .map(|row| row[column])
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .collect();
+            ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+            Some(
+                ranked
+                    .into_iter()
+                    .take(EVIDENCE_TILES)
+                    .enumerate()
+                    .map(|(rank, (i, value))| Evidence {
+                        rank: rank + 1,
+                        x: a.tiles.xs[i],
+                        y: a.tiles.ys[i],
+                        size: a.tiles.tile_size_level0,
+                        measure: s.heatmap.clone(),
+                        value: f64::from(value),
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
     let result = SlideResult {
         schema: SLIDE_SCHEMA.into(),
+        evidence,
         slide: SlideSummary {
             id: slide,
             tissue_fraction: a.tissue_fraction,

@@ -402,9 +402,33 @@ async fn an_svs_slide_is_analysed_end_to_end_with_its_tissue_tiles_and_stain_mea
     assert_eq!(thumb.status(), 200);
     let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
     assert_eq!((thumb.width(), thumb.height()), (766, 1024));
+    // The evidence: the highest-scoring tiles on the heatmap measure, each with its crop.
+    let evidence = result["evidence"].as_array().unwrap();
+    assert_eq!(evidence.len(), 8);
+    assert_eq!(evidence[0]["rank"], 1);
+    assert_eq!(evidence[0]["measure"], "haematoxylin_od");
+    assert!(
+        evidence
+            .windows(2)
+            .all(|w| w[0]["value"].as_f64() >= w[1]["value"].as_f64())
+    );
+    assert_eq!(evidence[0]["value"].as_f64().unwrap() as f32, high as f32);
+    let crop = app
+        .get(&format!("/v1/analyses/{id}/evidence/1.jpg"), &token)
+        .await;
+    assert_eq!(crop.status(), 200);
+    assert_eq!(crop.headers()["content-type"], "image/jpeg");
+    let crop = image::load_from_memory(&crop.bytes().await.unwrap()).unwrap();
+    assert_eq!((crop.width(), crop.height()), (224, 224));
+    assert_problem(
+        app.get(&format!("/v1/analyses/{id}/evidence/9.jpg"), &token)
+            .await,
+        404,
+    )
+    .await;
     // Another tenant sees none of it.
     let bergen = app.token("bergen", "clinician");
-    for path in ["heatmap.png", "tiles.geojson"] {
+    for path in ["heatmap.png", "tiles.geojson", "evidence/1.jpg"] {
         assert_problem(
             app.get(&format!("/v1/analyses/{id}/{path}"), &bergen).await,
             404,
@@ -558,4 +582,27 @@ async fn a_gigabyte_upload_streams_to_disk_without_growing_memory() {
     assert_eq!(app.rows("slides").await, 0);
     api.start_kill().unwrap();
     let _ = api.wait().await;
+}
+
+#[tokio::test]
+async fn a_slide_damaged_after_upload_fails_its_analysis_with_the_reason_and_the_worker_lives_on() {
+    let app = TestApp::spawn_with(|c| c.worker_max_attempts = 1).await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    // The stored file loses its second half (a disk or copy error after the upload).
+    let blob = app.config.data_dir.join("blobs/slides").join(&slide);
+    let bytes = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &bytes[..bytes.len() / 2]).unwrap();
+    let id = app
+        .submit_to(&token, &serde_json::json!({"model": STAIN, "slide": slide}))
+        .await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "failed", "{analysis}");
+    let error = analysis["error"].as_str().unwrap();
+    assert!(error.contains("tile") || error.contains("TIFF"), "{error}");
+    // The same worker goes on to the next analysis.
+    let features = crate::helpers::reference_rows()[0]["features"].clone();
+    app.submit(&token, &features).await;
+    assert_eq!(app.step().await, 1);
 }

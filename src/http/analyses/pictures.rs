@@ -195,3 +195,72 @@ pub async fn geojson(
     )
         .into_response())
 }
+
+/// One evidence tile of a slide analysis as a JPEG crop, read at the resolution the model saw it
+/// (`result.evidence[rank - 1]` says where it is on the slide).
+#[utoipa::path(get, path = "/v1/analyses/{id}/evidence/{rank}.jpg", tag = "analyses", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "A finished slide analysis"),
+           ("rank" = usize, Path, description = "1 = the highest-scoring tile")),
+    responses(
+        (status = 200, description = "The tile", content_type = "image/jpeg"),
+        (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such slide analysis, or no evidence tile of that rank", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The analysis is not finished", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn evidence(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((id, file)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let rank: usize = file
+        .strip_suffix(".jpg")
+        .and_then(|r| r.parse().ok())
+        .ok_or(ApiError::NotFound)?;
+    let (record, _) = finished(&state, &principal, &id, "analysis.evidence").await?;
+    let result = record.result.unwrap_or_default();
+    let tile = rank
+        .checked_sub(1)
+        .and_then(|i| result["evidence"].get(i))
+        .ok_or(ApiError::NotFound)?;
+    let number = |v: &Value| v.as_f64().ok_or(ApiError::NotFound);
+    let (x, y, size) = (
+        number(&tile["x"])?,
+        number(&tile["y"])?,
+        number(&tile["size"])?,
+    );
+    let level = result["slide"]["level_used"].as_u64().unwrap_or(0) as usize;
+    let downsample = number(&result["slide"]["level_downsample"])?;
+    let slide_id = result["slide"]["id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or(ApiError::NotFound)?;
+    let slide = repo::slides::find(&state.pool, &principal.tenant, Key::Id(slide_id))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let path = state.blobs.path_of(&slide.blob_key);
+    let jpeg = tokio::task::spawn_blocking(move || {
+        let side = (size / downsample).round() as u32;
+        let crop = TiffSlide::open(&path)?.region(
+            level,
+            (x / downsample).round() as u32,
+            (y / downsample).round() as u32,
+            side,
+            side,
+        )?;
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode(
+                &crop.pixels,
+                crop.width,
+                crop.height,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| crate::slides::SlideError::Invalid(e.to_string()))?;
+        Ok::<_, crate::slides::SlideError>(out.into_inner())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("evidence crop died: {e}"))?
+    .map_err(|e| anyhow::anyhow!("evidence crop: {e}"))?;
+    Ok(([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response())
+}
