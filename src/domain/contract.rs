@@ -64,8 +64,25 @@ pub struct Measure {
     pub output: String,
     pub unit: String,
     pub description: String,
-    /// Only `tissue_weighted_mean` (weights: the tissue output) so far.
-    pub aggregation: String,
+    pub aggregation: Aggregation,
+}
+
+/// How per-tile values become one slide-level value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Mean weighted by each tile's tissue output.
+    TissueWeightedMean,
+    Mean,
+    Max,
+    /// Mean of the `k` highest tiles.
+    TopKMean {
+        k: usize,
+    },
+    /// Share of tiles whose value is above `threshold`.
+    FractionAbove {
+        threshold: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -400,11 +417,14 @@ impl Manifest {
             if !seen.insert(m.name.as_str()) {
                 return Err(format!("measure {} is listed twice", m.name));
             }
-            if m.aggregation != "tissue_weighted_mean" {
-                return Err(format!(
-                    "measure {}: aggregation {:?} is not tissue_weighted_mean",
-                    m.name, m.aggregation
-                ));
+            match m.aggregation {
+                Aggregation::TopKMean { k: 0 } => {
+                    return Err(format!("measure {}: top_k_mean needs k >= 1", m.name));
+                }
+                Aggregation::FractionAbove { threshold } if !threshold.is_finite() => {
+                    return Err(format!("measure {}: the threshold is not a number", m.name));
+                }
+                _ => {}
             }
         }
         if !seen.contains(spec.heatmap.as_str()) {

@@ -40,7 +40,9 @@ pub struct Measurement {
     pub value: Option<f64>,
     pub unit: String,
     pub description: String,
-    pub aggregation: String,
+    /// How the tiles were summed up, as the manifest says (`{"kind": "tissue_weighted_mean"}`, …).
+    #[schema(value_type = Object)]
+    pub aggregation: serde_json::Value,
 }
 
 /// Milliseconds per stage (decoding overlaps inference; each is its own total).

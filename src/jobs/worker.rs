@@ -520,7 +520,9 @@ fn slide_result(
                 value: *value,
                 unit: m.map(|m| m.unit.clone()).unwrap_or_default(),
                 description: m.map(|m| m.description.clone()).unwrap_or_default(),
-                aggregation: m.map(|m| m.aggregation.clone()).unwrap_or_default(),
+                aggregation: m
+                    .and_then(|m| serde_json::to_value(&m.aggregation).ok())
+                    .unwrap_or_default(),
             }
         })
         .collect();

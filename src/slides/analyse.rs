@@ -4,7 +4,7 @@
 
 use super::SlideError;
 use super::read::{Rgb, TiffSlide};
-use crate::domain::contract::SlideSpec;
+use crate::domain::contract::{Aggregation, SlideSpec};
 use crate::inference::OnnxModel;
 use image::imageops::FilterType;
 use rayon::prelude::*;
@@ -218,19 +218,21 @@ pub fn analyse(
 
     let started = Instant::now();
     let width = tiles.measures.len();
-    let weight: f64 = tiles.tissue.iter().map(|&w| f64::from(w)).sum();
-    let measures = tiles
+    let measures = spec
         .measures
         .iter()
         .enumerate()
-        .map(|(k, name)| {
-            let sum: f64 = tiles
-                .tissue
-                .iter()
-                .zip(tiles.scores.chunks(width))
-                .map(|(&w, row)| f64::from(w) * f64::from(row[k]))
-                .sum();
-            (name.clone(), (weight > 0.0).then(|| sum / weight))
+        .map(|(k, measure)| {
+            let values: Vec<f64> = tiles
+                .scores
+                .chunks(width)
+                .map(|row| f64::from(row[k]))
+                .collect();
+            let weights: Vec<f64> = tiles.tissue.iter().map(|&w| f64::from(w)).collect();
+            (
+                measure.name.clone(),
+                aggregate(&measure.aggregation, &values, &weights),
+            )
         })
         .collect();
     times.aggregate = ms(started);
@@ -243,6 +245,36 @@ pub fn analyse(
         tiles,
         stage_ms: times,
     })
+}
+
+/// One slide-level value from per-tile values, as the manifest's aggregation says; none when it is
+/// undefined (no tiles, or no tissue weight).
+pub fn aggregate(how: &Aggregation, values: &[f64], weights: &[f64]) -> Option<f64> {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    match how {
+        Aggregation::TissueWeightedMean => {
+            let (sum, weight) = values
+                .iter()
+                .zip(weights)
+                .filter(|(v, w)| v.is_finite() && w.is_finite())
+                .fold((0.0, 0.0), |(s, t), (v, w)| (s + v * w, t + w));
+            (weight > 0.0).then(|| sum / weight)
+        }
+        Aggregation::Mean => Some(mean(&finite)),
+        Aggregation::Max => finite.iter().copied().reduce(f64::max),
+        Aggregation::TopKMean { k } => {
+            let mut sorted = finite;
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            Some(mean(&sorted[..(*k).clamp(1, sorted.len())]))
+        }
+        Aggregation::FractionAbove { threshold } => {
+            Some(finite.iter().filter(|v| *v > threshold).count() as f64 / finite.len() as f64)
+        }
+    }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -467,6 +499,35 @@ fn remove_specks(mask: &mut [bool], width: usize, height: usize, min: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_aggregation_sums_up_the_tiles_as_named() {
+        let values = [0.1, 0.9, 0.5, f64::NAN];
+        let weights = [1.0, 0.0, 1.0, 1.0];
+        let close =
+            |a: Option<f64>, b: f64| assert!((a.expect("a value") - b).abs() < 1e-12, "{a:?} {b}");
+        close(
+            aggregate(&Aggregation::TissueWeightedMean, &values, &weights),
+            0.3,
+        );
+        close(aggregate(&Aggregation::Mean, &values, &weights), 0.5);
+        close(aggregate(&Aggregation::Max, &values, &weights), 0.9);
+        close(
+            aggregate(&Aggregation::TopKMean { k: 2 }, &values, &weights),
+            0.7,
+        );
+        close(
+            aggregate(&Aggregation::TopKMean { k: 10 }, &values, &weights),
+            0.5,
+        );
+        let above = Aggregation::FractionAbove { threshold: 0.4 };
+        close(aggregate(&above, &values, &weights), 2.0 / 3.0);
+        assert_eq!(
+            aggregate(&Aggregation::TissueWeightedMean, &[0.5], &[0.0]),
+            None
+        );
+        assert_eq!(aggregate(&Aggregation::Mean, &[], &[]), None);
+    }
 
     #[test]
     fn otsu_splits_two_groups() {
