@@ -606,3 +606,40 @@ async fn a_slide_damaged_after_upload_fails_its_analysis_with_the_reason_and_the
     app.submit(&token, &features).await;
     assert_eq!(app.step().await, 1);
 }
+
+#[tokio::test]
+async fn a_running_slide_analysis_shows_the_progress_its_worker_records() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let id = app
+        .submit_to(&token, &serde_json::json!({"model": STAIN, "slide": slide}))
+        .await;
+    let claimed = app.worker.claim().await.unwrap();
+    // What the worker writes after each tile batch (fenced on its lease).
+    assert!(
+        onkos::repo::jobs::progress(&app.pool, &claimed[0], app.worker.id(), 16, 51)
+            .await
+            .unwrap()
+    );
+    let running = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(running["status"], "running");
+    assert_eq!(
+        running["progress"],
+        serde_json::json!({"tiles_done": 16, "tiles_total": 51})
+    );
+    // Another worker's write is refused: it does not hold the job.
+    let stranger = app.worker.another();
+    assert!(
+        !onkos::repo::jobs::progress(&app.pool, &claimed[0], stranger.id(), 50, 51)
+            .await
+            .unwrap()
+    );
+    assert_eq!(app.worker.process(claimed).await.unwrap(), 1);
+    let done = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(done["status"], "succeeded");
+    assert!(
+        done["progress"].is_null(),
+        "progress is shown only while it runs"
+    );
+}
