@@ -64,5 +64,6 @@ bench: deps
 
 # The slide pipeline against libjpeg-turbo's decode limit and OpenSlide (BENCHMARKS.md).
 bench-slides: deps
+	@python3 -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-venv; }
 	SQLX_OFFLINE=true cargo build --release --locked
 	tests/bench/slides.sh
