@@ -49,8 +49,14 @@ pub struct SlideSpec {
     pub mpp: f64,
     /// A grid tile is analysed when at least this fraction of it is tissue in the slide's mask.
     pub min_tissue: f64,
-    /// The per-tile output that says how much of the tile is tissue (the weight of its measures).
-    pub tissue_output: String,
+    /// The per-tile output that says how much of the tile is tissue (the weight of its measures);
+    /// without one, every analysed tile weighs 1.
+    #[serde(default)]
+    pub tissue_output: Option<String>,
+    /// How RGB 0-255 becomes the model's input: `(value × scale − mean[c]) / std[c]` per channel
+    /// (e.g. ImageNet's for a timm or torchvision classifier). Absent: the values as they are.
+    #[serde(default)]
+    pub normalise: Option<Normalise>,
     pub measures: Vec<Measure>,
     /// The measure the heatmap shows.
     pub heatmap: String,
@@ -60,11 +66,22 @@ pub struct SlideSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Measure {
     pub name: String,
-    /// The ONNX output (one value per tile).
+    /// The ONNX output: one value per tile, or `[N, C]` with `column` naming the value (a class's
+    /// probability).
     pub output: String,
+    #[serde(default)]
+    pub column: Option<usize>,
     pub unit: String,
     pub description: String,
     pub aggregation: Aggregation,
+}
+
+/// Per-channel input normalisation of a slide model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Normalise {
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
 /// How per-tile values become one slide-level value.
@@ -391,8 +408,13 @@ impl Manifest {
     }
 
     fn check_slide(&self, spec: &SlideSpec) -> Result<(), String> {
-        if self.task != Task::Quantification {
-            return Err("slide models are quantifications so far".into());
+        if self.task == Task::Survival {
+            return Err("slide models are quantifications or tile classifiers".into());
+        }
+        if let Some(n) = &spec.normalise
+            && (!n.scale.is_finite() || n.std.iter().any(|s| !s.is_finite() || *s <= 0.0))
+        {
+            return Err("normalise needs a finite scale and positive standard deviations".into());
         }
         if !self.inputs.is_empty() || !self.encoding.is_empty() {
             return Err("a slide model takes tiles, not listed inputs".into());
@@ -433,11 +455,14 @@ impl Manifest {
         Ok(())
     }
 
-    /// The ONNX outputs a slide model must have: its tissue output and one per measure.
-    pub fn slide_outputs(&self) -> Vec<String> {
+    /// The per-tile values a slide model gives, as (output, column): its tissue output (if any)
+    /// first, then one per measure.
+    pub fn slide_outputs(&self) -> Vec<(String, Option<usize>)> {
         self.slide.as_ref().map_or_else(Vec::new, |s| {
-            std::iter::once(s.tissue_output.clone())
-                .chain(s.measures.iter().map(|m| m.output.clone()))
+            s.tissue_output
+                .iter()
+                .map(|t| (t.clone(), None))
+                .chain(s.measures.iter().map(|m| (m.output.clone(), m.column)))
                 .collect()
         })
     }

@@ -162,14 +162,14 @@ impl OnnxModel {
         Ok(per_row)
     }
 
-    /// Runs `n` square RGB tiles (`[n, 3, size, size]` float32, 0-255) and returns, for each of
-    /// `outputs`, one value per tile.
+    /// Runs `n` square RGB tiles (`[n, 3, size, size]` float32) and returns, for each of
+    /// `outputs` (name, and column of an `[n, C]` output), one value per tile.
     pub fn predict_tiles(
         &self,
         pixels: &[f32],
         n: usize,
         size: usize,
-        outputs: &[String],
+        outputs: &[(String, Option<usize>)],
     ) -> anyhow::Result<Vec<Vec<f64>>> {
         anyhow::ensure!(
             n > 0 && pixels.len() == n * 3 * size * size,
@@ -183,11 +183,22 @@ impl OnnxModel {
         let result = session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, 3, size, size], pixels))?])?;
         outputs
             .iter()
-            .map(|name| {
+            .map(|(name, column)| {
                 let value = result
                     .get(name.as_str())
                     .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
-                let per_tile: Vec<f64> = matrix(value, n)?.into_iter().flatten().collect();
+                let rows = matrix(value, n)?;
+                let per_tile: Vec<f64> = match column {
+                    None => rows.into_iter().flatten().collect(),
+                    Some(c) => rows
+                        .iter()
+                        .map(|row| {
+                            row.get(*c).copied().ok_or_else(|| {
+                                anyhow!("output {name} has {} columns, not {}", row.len(), c + 1)
+                            })
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                };
                 anyhow::ensure!(
                     per_tile.len() == n,
                     "output {name} gives {} values for {n} tiles",

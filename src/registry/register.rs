@@ -67,7 +67,7 @@ pub(super) fn smoke_test(manifest: &Manifest, onnx: &OnnxModel) -> anyhow::Resul
     if let Some(spec) = &manifest.slide {
         let names = onnx.output_names();
         let wanted = manifest.slide_outputs();
-        if let Some(missing) = wanted.iter().find(|w| !names.contains(w)) {
+        if let Some((missing, _)) = wanted.iter().find(|(w, _)| !names.contains(w)) {
             anyhow::bail!("the graph has no output {missing:?} (it has {names:?})");
         }
         // One blank (white) tile: every output must give one finite value for it.

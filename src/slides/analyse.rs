@@ -4,7 +4,7 @@
 
 use super::SlideError;
 use super::read::{Rgb, TiffSlide};
-use crate::domain::contract::{Aggregation, SlideSpec};
+use crate::domain::contract::{Aggregation, Normalise, SlideSpec};
 use crate::inference::OnnxModel;
 use image::imageops::FilterType;
 use rayon::prelude::*;
@@ -150,9 +150,13 @@ pub fn analyse(
     let read_size = (tile0 / ds).round().max(1.0) as u32;
     // Grid rows are read in order: keeping three rows of file tiles decodes each tile once.
     slide.keep_tiles((slide.levels[level].tiles_across() as usize * 3).min(2048));
-    let outputs = std::iter::once(spec.tissue_output.clone())
-        .chain(spec.measures.iter().map(|m| m.output.clone()))
-        .collect::<Vec<_>>();
+    let outputs: Vec<(String, Option<usize>)> = spec
+        .tissue_output
+        .iter()
+        .map(|t| (t.clone(), None))
+        .chain(spec.measures.iter().map(|m| (m.output.clone(), m.column)))
+        .collect();
+    let weighted = usize::from(spec.tissue_output.is_some());
     let total = grid.len();
     let mut tiles = TileScores {
         tile_size_level0: tile0,
@@ -176,7 +180,10 @@ pub fn analyse(
                         let x = (f64::from(c) * tile0 / ds).round() as u32;
                         let y = (f64::from(r) * tile0 / ds).round() as u32;
                         let rgb = slide.region(level, x, y, read_size, read_size)?;
-                        Ok(planar(&resized(rgb, spec.tile_size)))
+                        Ok(planar(
+                            &resized(rgb, spec.tile_size),
+                            spec.normalise.as_ref(),
+                        ))
                     })
                     .collect();
                 let message = decoded.map(|tiles| (tiles.concat(), ms(started)));
@@ -201,10 +208,15 @@ pub fn analyse(
             for (i, &(c, r)) in batch.iter().enumerate() {
                 tiles.xs.push((f64::from(c) * tile0).round() as i32);
                 tiles.ys.push((f64::from(r) * tile0).round() as i32);
-                tiles.tissue.push(values[0][i] as f32);
+                // Without a tissue output every analysed tile weighs 1.
+                tiles.tissue.push(if weighted == 1 {
+                    values[0][i] as f32
+                } else {
+                    1.0
+                });
                 tiles
                     .scores
-                    .extend(values[1..].iter().map(|column| column[i] as f32));
+                    .extend(values[weighted..].iter().map(|column| column[i] as f32));
             }
             done += batch.len();
             if !progress(done, total) {
@@ -300,14 +312,18 @@ fn resized(rgb: Rgb, size: u32) -> Rgb {
     }
 }
 
-/// Interleaved RGB bytes to planar float32 (C, H, W), as the model's input wants.
-fn planar(rgb: &Rgb) -> Vec<f32> {
+/// Interleaved RGB bytes to planar float32 (C, H, W), normalised as the manifest says.
+fn planar(rgb: &Rgb, normalise: Option<&Normalise>) -> Vec<f32> {
     let n = (rgb.width * rgb.height) as usize;
     let mut out = vec![0.0_f32; 3 * n];
     for (i, px) in rgb.pixels.chunks_exact(3).enumerate() {
-        out[i] = f32::from(px[0]);
-        out[n + i] = f32::from(px[1]);
-        out[2 * n + i] = f32::from(px[2]);
+        for c in 0..3 {
+            let v = f32::from(px[c]);
+            out[c * n + i] = match normalise {
+                Some(k) => (v * k.scale - k.mean[c]) / k.std[c],
+                None => v,
+            };
+        }
     }
     out
 }
@@ -557,6 +573,18 @@ mod tests {
             height: 1,
             pixels: vec![1, 2, 3, 4, 5, 6],
         };
-        assert_eq!(planar(&rgb), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(planar(&rgb, None), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let imagenet = Normalise {
+            scale: 1.0 / 255.0,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let white = Rgb {
+            width: 1,
+            height: 1,
+            pixels: vec![255, 255, 255],
+        };
+        let got = planar(&white, Some(&imagenet));
+        assert!((got[0] - (1.0 - 0.485) / 0.229).abs() < 1e-6, "{got:?}");
     }
 }

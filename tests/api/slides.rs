@@ -643,3 +643,78 @@ async fn a_running_slide_analysis_shows_the_progress_its_worker_records() {
         "progress is shown only while it runs"
     );
 }
+
+#[tokio::test]
+async fn a_registered_tile_classifier_runs_over_a_slide_with_its_normalisation_and_columns() {
+    use reqwest::multipart::{Form, Part};
+    let app = TestApp::spawn().await;
+    let admin = app.token("oslo", "admin");
+    let dir = repo_path("tests/fixtures/models/tiny-tile-cnn");
+    let form = Form::new()
+        .part(
+            "manifest",
+            Part::bytes(std::fs::read(dir.join("manifest.json")).unwrap())
+                .file_name("manifest.json"),
+        )
+        .part(
+            "onnx",
+            Part::bytes(std::fs::read(dir.join("model.onnx")).unwrap()).file_name("model.onnx"),
+        )
+        .text("card", "# Test fixture\nRandom weights; not a model.");
+    let registered = app
+        .client
+        .post(format!("{}/v1/models", app.base))
+        .bearer_auth(&admin)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201, "{:?}", registered.text().await);
+    let activate = app
+        .client
+        .post(format!(
+            "{}/v1/models/oslo-tile-classifier/versions/0.1.0/activate",
+            app.base
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(activate.status(), 200);
+
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let body = serde_json::json!({"model": "oslo-tile-classifier", "slide": slide});
+    let id = app.submit_to(&token, &body).await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    let result = &analysis["result"];
+    // 1 µm/pixel tiles of 64 pixels: 128.3 level-0 pixels each, read at level 0 and resized.
+    let tile0 = result["slide"]["tile_size_level0"].as_f64().unwrap();
+    assert!((tile0 - 64.0 / 0.499).abs() < 1e-9);
+    assert_eq!(result["slide"]["tiles_in_grid"], 17 * 23);
+    let value = |name: &str| {
+        result["measurements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()["value"]
+            .as_f64()
+            .unwrap()
+    };
+    // Columns of one softmax output: the two class means add up to 1.
+    assert!((value("p_class_a") + value("p_class_b") - 1.0).abs() < 1e-5);
+    assert!((0.0..=1.0).contains(&value("share_b")));
+    assert_eq!(
+        result["measurements"][2]["aggregation"]["kind"],
+        "fraction_above"
+    );
+    // No tissue output: the GeoJSON states no tissue fraction.
+    let geo = app
+        .get_json(&format!("/v1/analyses/{id}/tiles.geojson"), &token)
+        .await;
+    let measured = &geo["features"][0]["properties"]["measurements"];
+    assert!(measured["tissue_fraction"].is_null() && measured["p_class_b"].is_number());
+}

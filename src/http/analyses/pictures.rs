@@ -154,6 +154,14 @@ pub async fn geojson(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (record, tiles) = finished(&state, &principal, &id, "analysis.tiles").await?;
+    // A model without a tissue output weighs every tile 1: that is not a tissue fraction.
+    let has_tissue = state
+        .registry
+        .version(&record.model_name, &record.model_version)
+        .await
+        .ok()
+        .and_then(|m| m.manifest.slide.as_ref().map(|s| s.tissue_output.is_some()))
+        .unwrap_or(false);
     let side = tiles.tile_size_level0;
     let stride = tiles.measures.len().max(1);
     let features: Vec<Value> = tiles
@@ -165,7 +173,9 @@ pub async fn geojson(
         .map(|(((&x, &y), &tissue), row)| {
             let (x, y) = (f64::from(x), f64::from(y));
             let mut measurements = Map::new();
-            measurements.insert("tissue_fraction".into(), json!(tissue));
+            if has_tissue {
+                measurements.insert("tissue_fraction".into(), json!(tissue));
+            }
             for (name, value) in tiles.measures.iter().zip(row) {
                 measurements.insert(name.clone(), json!(value));
             }
