@@ -73,6 +73,7 @@ async fn finished(
         (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such slide analysis with tile scores in the caller's tenant", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The analysis is not finished", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The slide cannot give an overview to paint on", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn heatmap(
     State(state): State<AppState>,
@@ -122,7 +123,14 @@ pub async fn heatmap(
     })
     .await
     .map_err(|e| anyhow::anyhow!("heatmap rendering died: {e}"))?
-    .map_err(|e| anyhow::anyhow!("heatmap: {e}"))?;
+    .map_err(|e| {
+        // The slide cannot give an overview (e.g. no level small enough): say so, as a 422.
+        ApiError::Validation(vec![crate::domain::contract::FieldError::new(
+            "slide",
+            "unreadable",
+            format!("no heatmap: {e}"),
+        )])
+    })?;
     let mut response = ([(header::CONTENT_TYPE, "image/png")], png).into_response();
     let headers = response.headers_mut();
     for (name, value) in [
