@@ -258,11 +258,8 @@ impl Worker {
                 }
                 Ok((encoded, flags)) => match outputs.next() {
                     Some(Ok(row)) => {
-                        let queue_wait_ms = job.started_at.map_or(0.0, |s| {
-                            (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
-                        });
                         let timings = Timings {
-                            queue_wait_ms,
+                            queue_wait_ms: queue_wait_ms(job),
                             infer_ms,
                             batch_size,
                             dispatch: "queue",
@@ -344,11 +341,8 @@ impl Worker {
                 let analysed = result.slide.tiles_analysed;
                 result.stages.total_ms = total_ms;
                 result.stages.tiles_per_second = analysed as f64 / (total_ms / 1e3).max(1e-9);
-                let queue_wait_ms = job.started_at.map_or(0.0, |s| {
-                    (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
-                });
                 let timings = json!({
-                    "queue_wait_ms": queue_wait_ms,
+                    "queue_wait_ms": queue_wait_ms(job),
                     "infer_ms": result.stages.infer_ms,
                     "batch_size": analysed,
                     "dispatch": "queue",
@@ -496,6 +490,13 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
     let mut listener = PgListener::connect_with(pool).await.ok()?;
     listener.listen(repo::JOBS_CHANNEL).await.ok()?;
     Some(listener)
+}
+
+/// From submission until the first claim.
+fn queue_wait_ms(job: &ClaimedJob) -> f64 {
+    job.started_at.map_or(0.0, |s| {
+        (s - job.created_at).num_microseconds().unwrap_or(0) as f64 / 1e3
+    })
 }
 
 /// Evidence tiles listed in a slide result.

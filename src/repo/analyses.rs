@@ -204,44 +204,20 @@ pub struct AnalysisRecord {
 }
 
 /// One analysis of `tenant`; another tenant's analysis is indistinguishable from a missing one.
+/// With a `reader`, the read is recorded in the audit trail by the same statement (one round
+/// trip), and only when the analysis exists in the tenant, since a refused read is not a read.
 pub async fn find(
     db: impl PgExecutor<'_>,
     tenant: &TenantId,
     id: AnalysisId,
-) -> sqlx::Result<Option<AnalysisRecord>> {
-    sqlx::query_as!(
-        AnalysisRecord,
-        r#"select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
-                  case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
-                  a.input_sha256, a.error, a.validate_ms, a.created_at,
-                  coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
-                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?",
-                  j.progress_done as "progress_done?", j.progress_total as "progress_total?"
-           from analyses a
-           left join jobs j on j.analysis_id = a.id
-           left join results r on r.analysis_id = a.id
-           where a.tenant_id = $1 and a.id = $2"#,
-        tenant.as_str(),
-        id.0,
-    )
-    .fetch_optional(db)
-    .await
-}
-
-/// `find`, and the read recorded in the audit trail by the same statement (one round trip): only
-/// when the analysis exists in the tenant, since a refused read is not a read.
-pub async fn find_and_audit(
-    db: impl PgExecutor<'_>,
-    tenant: &TenantId,
-    id: AnalysisId,
-    actor: &str,
+    reader: Option<&str>,
 ) -> sqlx::Result<Option<AnalysisRecord>> {
     sqlx::query_as!(
         AnalysisRecord,
         r#"with audit as (
                insert into audit_events (tenant_id, actor, action, target_type, target_id)
                select $1, $3, 'analysis.read', 'analysis', $2::uuid::text
-               where exists (select 1 from analyses where tenant_id = $1 and id = $2)
+               where $3::text is not null and exists (select 1 from analyses where tenant_id = $1 and id = $2)
            )
            select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
                   case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
@@ -255,7 +231,7 @@ pub async fn find_and_audit(
            where a.tenant_id = $1 and a.id = $2"#,
         tenant.as_str(),
         id.0,
-        actor,
+        reader,
     )
     .fetch_optional(db)
     .await

@@ -60,7 +60,7 @@ pub async fn cancel(
         }
         Cancelled::NotFound => return Err(ApiError::NotFound),
     }
-    let record = repo::analyses::find(&state.pool, &principal.tenant, id)
+    let record = repo::analyses::find(&state.pool, &principal.tenant, id, None)
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(Json(view(&state, record).await?))

@@ -31,7 +31,7 @@ async fn finished(
     let id = Uuid::parse_str(id)
         .map(AnalysisId)
         .map_err(|_| ApiError::NotFound)?;
-    let record = repo::analyses::find(&state.pool, &principal.tenant, id)
+    let record = repo::analyses::find(&state.pool, &principal.tenant, id, None)
         .await?
         .ok_or(ApiError::NotFound)?;
     if matches!(

@@ -101,7 +101,7 @@ pub(crate) async fn read_when_final(
             break;
         }
         if !pending {
-            let record = repo::analyses::find(&state.pool, &principal.tenant, id)
+            let record = repo::analyses::find(&state.pool, &principal.tenant, id, None)
                 .await?
                 .ok_or(ApiError::NotFound)?;
             if is_final(&record) {
@@ -130,7 +130,7 @@ pub(crate) async fn read_when_final(
             break;
         }
     }
-    repo::analyses::find_and_audit(&state.pool, &principal.tenant, id, &principal.subject)
+    repo::analyses::find(&state.pool, &principal.tenant, id, Some(&principal.subject))
         .await?
         .ok_or(ApiError::NotFound)
 }
