@@ -1,7 +1,8 @@
 # onkos — the two commands:
 #   make run    install what is missing, then serve the API on 127.0.0.1:8080 (embedded Postgres)
 #   make test   install what is missing, then run every check CI runs
-# Both install PostgreSQL server binaries (apt) and the ONNX Runtime library (PyPI wheel) when absent.
+# Both install PostgreSQL server binaries and OpenSlide (apt) and the ONNX Runtime library (PyPI wheel)
+# when absent.
 
 SHELL := /bin/bash
 ORT_VERSION := 1.31.1
@@ -10,7 +11,7 @@ ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps postgres lint openapi sqlx-prepare models bench bench-slides
+.PHONY: run test deps postgres openslide lint openapi sqlx-prepare models bench bench-slides
 
 run: deps
 	cargo run --release --locked -- serve
@@ -20,7 +21,17 @@ test: deps
 	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 	SQLX_OFFLINE=true cargo test --locked --all-targets
 
-deps: postgres $(ORT_LIB)
+deps: postgres openslide $(ORT_LIB)
+
+# OpenSlide (the reader for slide formats onkos's own tile reader does not read) and what its
+# Rust bindings are generated with at build time.
+openslide:
+	@if pkg-config --exists openslide 2>/dev/null && ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then \
+		echo "OpenSlide $$(pkg-config --modversion openslide), libclang: present"; \
+	else \
+		echo "OpenSlide: installing (apt-get install libopenslide-dev libclang-dev pkg-config)"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends libopenslide-dev libclang-dev pkg-config; \
+	fi
 
 # Server binaries only: onkos starts its own private cluster from them.
 postgres:

@@ -76,6 +76,9 @@ impl Application {
             threads: config.inference_threads,
         };
         let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
+        if let Some(program) = &config.slide_reader {
+            crate::slides::openslide::set_reader_program(program.clone());
+        }
         let registry = Arc::new(
             Registry::open(pool.clone(), blobs.clone(), options, &config.models_dir).await?,
         );

@@ -56,6 +56,9 @@ pub struct Config {
     pub worker_batch_wait_ms: u64,
     /// Tiles per ONNX Runtime call in a slide analysis.
     pub slide_batch_tiles: u32,
+    /// The program run as `<program> slide-reader <file>` to read slides through OpenSlide in
+    /// a separate process; unset: this onkos executable.
+    pub slide_reader: Option<PathBuf>,
     /// In `serve` (a worker in the same process), run a single JSON case whose submitter waits
     /// (`?wait=`) right away and store it finished, instead of queueing it.
     pub worker_inline: bool,
@@ -113,6 +116,7 @@ impl Default for Config {
             worker_batch_wait_ms: 0,
             worker_inline: true,
             slide_batch_tiles: 64,
+            slide_reader: None,
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,
             max_wait_secs: 50,

@@ -73,6 +73,10 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch: usize,
     },
+    /// Serve one slide's regions to the process that started it, through OpenSlide (internal:
+    /// isolates the C library, so a crash in it ends this process only).
+    #[command(hide = true)]
+    SlideReader { slide: PathBuf },
 }
 
 #[tokio::main]
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => print!("{}", onkos::http::openapi::document()),
+        Command::SlideReader { slide } => onkos::slides::openslide::serve(&slide)?,
         Command::BenchInference {
             model,
             batch,

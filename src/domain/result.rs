@@ -30,6 +30,9 @@ pub struct SlideSummary {
     pub level_downsample: f64,
     pub tile_size: u32,
     pub tile_size_level0: f64,
+    /// The reader that read the pixels: `onkos-tiff` (onkos's own tile reader) or
+    /// `openslide-<version>` (OpenSlide, in an isolated process).
+    pub reader: String,
 }
 
 /// One slide-level measure.

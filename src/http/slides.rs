@@ -291,7 +291,7 @@ pub async fn get(
         (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such slide in the caller's tenant", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The slide's levels cannot be read for a thumbnail (e.g. stored in strips)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The slide's levels cannot be read for a thumbnail (a damaged file, or a coarsest level too large to read whole)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn thumbnail(
     State(state): State<AppState>,
@@ -305,7 +305,7 @@ pub async fn thumbnail(
         .ok_or(ApiError::NotFound)?;
     let path = state.blobs.path_of(&record.blob_key);
     let png = tokio::task::spawn_blocking(move || {
-        crate::slides::read::TiffSlide::open(&path)?
+        crate::slides::slide::Slide::open(&path, 1)?
             .overview(1024)?
             .png()
     })

@@ -572,6 +572,7 @@ fn slide_result(
             level_downsample: a.level_downsample,
             tile_size: spec.map_or(0, |s| s.tile_size),
             tile_size_level0: a.tiles.tile_size_level0,
+            reader: a.reader.clone(),
         },
         measurements,
         stages: SlideStages {

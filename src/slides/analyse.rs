@@ -3,7 +3,8 @@
 //! per-tile measures summed up as the manifest says.
 
 use super::SlideError;
-use super::read::{Rgb, TiffSlide};
+use super::read::Rgb;
+use super::slide::{LevelSize, Slide};
 use crate::domain::contract::{Aggregation, Normalise, SlideSpec};
 use crate::inference::OnnxModel;
 use image::imageops::FilterType;
@@ -42,6 +43,8 @@ pub struct TileScores {
 /// The numbers a slide result is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Analysed {
+    /// Which reader read the slide (`onkos-tiff`, `openslide-3.4.1`, …).
+    pub reader: String,
     pub tissue_fraction: f64,
     pub tiles_in_grid: usize,
     pub level: usize,
@@ -85,6 +88,14 @@ impl From<SlideError> for Stopped {
 const MASK_PER_TILE: f64 = 8.0;
 /// The mask is never larger than this on its long side.
 const MASK_MAX: f64 = 4096.0;
+/// The mask's level is read in regions of this many pixels a side.
+const MASK_CHUNK: u32 = 512;
+
+/// OpenSlide reader processes per analysis (when the slide needs OpenSlide): one per core, at
+/// most 8.
+fn reader_processes() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
 
 /// Runs the analysis. `progress(done, total)` is called after every batch; returning false stops
 /// it (cancelled). Blocking: run it off the async threads.
@@ -95,7 +106,7 @@ pub fn analyse(
 ) -> Result<Analysed, Stopped> {
     let mut times = StageTimes::default();
     let started = Instant::now();
-    let slide = TiffSlide::open(path)?;
+    let slide = Slide::open(path, reader_processes())?;
     times.open = ms(started);
 
     let spec = plan.spec;
@@ -149,7 +160,7 @@ pub fn analyse(
 
     let read_size = (tile0 / ds).round().max(1.0) as u32;
     // Grid rows are read in order: keeping three rows of file tiles decodes each tile once.
-    slide.keep_tiles((slide.levels[level].tiles_across() as usize * 3).min(2048));
+    slide.keep_rows(level, 3);
     let outputs: Vec<(String, Option<usize>)> = spec
         .tissue_output
         .iter()
@@ -249,6 +260,7 @@ pub fn analyse(
         .collect();
     times.aggregate = ms(started);
     Ok(Analysed {
+        reader: slide.reader(),
         tissue_fraction: mask.tissue_pixels as f64 / mask.cells() as f64,
         tiles_in_grid: (cols * rows) as usize,
         level,
@@ -343,14 +355,15 @@ impl Mask {
     /// Reads the coarsest level that still gives 8 × 8 cells per tile, averages its pixels into
     /// cells, and marks tissue: saturation above Otsu's threshold (at least 0.05), not black, and
     /// not part of a speck smaller than a quarter tile.
-    fn build(slide: &TiffSlide, tile0: f64) -> Result<Self, SlideError> {
-        let base = &slide.levels[0];
+    fn build(slide: &Slide, tile0: f64) -> Result<Self, SlideError> {
+        let base = slide.levels[0];
         let scale = (tile0 / MASK_PER_TILE)
             .max(f64::from(base.width.max(base.height)) / MASK_MAX)
             .max(1.0);
-        let (index, level) = slide
+        let (index, level): (usize, LevelSize) = slide
             .levels
             .iter()
+            .copied()
             .enumerate()
             .rfind(|(_, l)| l.downsample <= scale)
             .unwrap_or((0, base));
@@ -358,18 +371,22 @@ impl Mask {
         let height = (f64::from(base.height) / scale).ceil() as usize;
         let mut sums = vec![[0.0_f64; 4]; width * height];
         let per_cell = scale / level.downsample;
-        let tiles: Vec<(u32, u32)> = (0..level.tiles_down())
-            .flat_map(|r| (0..level.tiles_across()).map(move |c| (c, r)))
+        // The level is read in chunks, in parallel.
+        let chunk = MASK_CHUNK;
+        let chunks: Vec<(u32, u32)> = (0..level.height.div_ceil(chunk))
+            .flat_map(|r| (0..level.width.div_ceil(chunk)).map(move |c| (c * chunk, r * chunk)))
             .collect();
-        let decoded: Result<Vec<(u32, u32, Rgb)>, SlideError> = tiles
+        let decoded: Result<Vec<(u32, u32, Rgb)>, SlideError> = chunks
             .par_iter()
-            .map(|&(c, r)| slide.tile(index, c, r).map(|t| (c, r, t)))
+            .map(|&(x0, y0)| {
+                let (w, h) = (chunk.min(level.width - x0), chunk.min(level.height - y0));
+                slide.region(index, x0, y0, w, h).map(|t| (x0, y0, t))
+            })
             .collect();
-        for (c, r, tile) in decoded? {
-            let (x0, y0) = (c * level.tile_width, r * level.tile_height);
-            for ty in 0..tile.height.min(level.height.saturating_sub(y0)) {
+        for (x0, y0, tile) in decoded? {
+            for ty in 0..tile.height {
                 let cy = (f64::from(y0 + ty) / per_cell) as usize;
-                for tx in 0..tile.width.min(level.width.saturating_sub(x0)) {
+                for tx in 0..tile.width {
                     let cx = (f64::from(x0 + tx) / per_cell) as usize;
                     if cx >= width || cy >= height {
                         continue;

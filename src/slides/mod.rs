@@ -4,7 +4,9 @@
 pub mod analyse;
 pub mod bench;
 pub mod heatmap;
+pub mod openslide;
 pub mod read;
+pub mod slide;
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};

@@ -24,6 +24,8 @@ const JPEG: u16 = 7;
 /// Decoded tiles kept by default (about 48 MB of 256 x 256 tiles).
 const CACHED_TILES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 const PHOTOMETRIC_RGB: u16 = 2;
+/// Compressions the fast path decodes: none, LZW, JPEG, deflate (both codes), PackBits.
+const DECODED: [u16; 6] = [1, 5, 7, 8, 32946, 32773];
 
 /// One tiled level, with where its tiles are in the file.
 #[derive(Debug)]
@@ -105,6 +107,12 @@ impl TiffSlide {
             else {
                 continue;
             };
+            if !DECODED.contains(&compression) {
+                return Err(SlideError::Unsupported(format!(
+                    "level {} is compressed with TIFF compression {compression}, which onkos's tile reader does not decode",
+                    levels.len()
+                )));
+            }
             let expected =
                 (level.width.div_ceil(tile_width) * level.height.div_ceil(tile_height)) as usize;
             if offsets.len() < expected || counts.len() < expected {
@@ -130,7 +138,7 @@ impl TiffSlide {
         }
         if levels.is_empty() {
             return Err(SlideError::Unsupported(
-                "the slide's levels are stored in strips, not tiles; onkos reads tiled slides (SVS, pyramidal TIFF) so far"
+                "the slide's levels are stored in strips, not tiles, and onkos's tile reader reads tiled levels"
                     .into(),
             ));
         }
@@ -336,41 +344,6 @@ fn layout(d: &mut Decoder<BufReader<File>>) -> Option<Layout> {
     let compression = d.get_tag_u32(Tag::Compression).ok()? as u16;
     let photometric = d.get_tag_u32(Tag::PhotometricInterpretation).unwrap_or(2) as u16;
     Some((offsets, counts, tables, compression, photometric))
-}
-
-impl TiffSlide {
-    /// The whole slide, downscaled so that its long side is at most `max_side` pixels, read from
-    /// the coarsest level. Refused when even that level is too large to read whole.
-    pub fn overview(&self, max_side: u32) -> Result<Rgb, SlideError> {
-        let (index, level) = self
-            .levels
-            .iter()
-            .enumerate()
-            .next_back()
-            .ok_or_else(|| SlideError::Invalid("the slide has no level".into()))?;
-        if u64::from(level.width) * u64::from(level.height) > 64 << 20 {
-            return Err(SlideError::Unsupported(format!(
-                "the slide's coarsest level ({} x {}) is too large for an overview",
-                level.width, level.height
-            )));
-        }
-        let whole = self.region(index, 0, 0, level.width, level.height)?;
-        let scale = f64::from(max_side) / f64::from(level.width.max(level.height));
-        if scale >= 1.0 {
-            return Ok(whole);
-        }
-        let width = ((f64::from(level.width) * scale).round() as u32).max(1);
-        let height = ((f64::from(level.height) * scale).round() as u32).max(1);
-        let image = image::RgbImage::from_raw(whole.width, whole.height, whole.pixels)
-            .ok_or_else(|| SlideError::Invalid("the overview does not fit its size".into()))?;
-        let small =
-            image::imageops::resize(&image, width, height, image::imageops::FilterType::Triangle);
-        Ok(Rgb {
-            width,
-            height,
-            pixels: small.into_raw(),
-        })
-    }
 }
 
 impl Rgb {

@@ -99,6 +99,8 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         ),
         execution_provider: "cpu".into(),
         worker: false,
+        // OpenSlide runs in child processes of onkos itself, not of the test binary.
+        slide_reader: Some(PathBuf::from(env!("CARGO_BIN_EXE_onkos"))),
         ..Config::default()
     }
 }

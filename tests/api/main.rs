@@ -9,6 +9,7 @@ mod helpers;
 mod input_contract;
 mod models;
 mod openapi;
+mod openslide;
 mod queue;
 mod registry;
 mod slides;

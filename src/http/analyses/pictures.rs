@@ -10,7 +10,7 @@ use crate::repo;
 use crate::repo::slides::Key;
 use crate::slides::analyse::TileScores;
 use crate::slides::heatmap::{Layer, render};
-use crate::slides::read::TiffSlide;
+use crate::slides::slide::Slide;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -108,7 +108,7 @@ pub async fn heatmap(
     let path = state.blobs.path_of(&slide.blob_key);
     let (width, height) = (slide.width, slide.height);
     let (png, scale) = tokio::task::spawn_blocking(move || {
-        let overview = TiffSlide::open(&path)?.overview(HEATMAP_SIDE)?;
+        let overview = Slide::open(&path, 1)?.overview(HEATMAP_SIDE)?;
         let stride = tiles.measures.len();
         let layer = Layer {
             width: u32::try_from(width).unwrap_or(u32::MAX),
@@ -259,7 +259,7 @@ pub async fn evidence(
     let path = state.blobs.path_of(&slide.blob_key);
     let jpeg = tokio::task::spawn_blocking(move || {
         let side = (size / downsample).round() as u32;
-        let crop = TiffSlide::open(&path)?.region(
+        let crop = Slide::open(&path, 1)?.region(
             level,
             (x / downsample).round() as u32,
             (y / downsample).round() as u32,

@@ -488,21 +488,6 @@ async fn prepare_slide(
     let refuse = |field: &str, rule: &'static str, message: String| {
         ApiError::Validation(vec![FieldError::new(field, rule, message)])
     };
-    if slide
-        .levels
-        .0
-        .first()
-        .is_none_or(|l| l.tile_width.is_none())
-    {
-        return Err(refuse(
-            "slide",
-            "not_tiled",
-            format!(
-                "slide {} ({}) stores its levels in strips; onkos analyses tiled slides (SVS, pyramidal TIFF) so far",
-                slide.id, slide.format
-            ),
-        ));
-    }
     let (mpp, source) = match (slide.mpp_x, stated) {
         (Some(file), Some(request)) if (request / file - 1.0).abs() > 0.02 => {
             return Err(refuse(
