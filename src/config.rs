@@ -39,6 +39,8 @@ pub struct Config {
     pub model_upload_limit_bytes: usize,
     /// Largest slide file `POST /v1/slides` accepts (streamed to disk, never held in memory).
     pub slide_upload_limit_bytes: u64,
+    /// Largest tile-embeddings file `POST /v1/embeddings` accepts (it is read whole when analysed).
+    pub embeddings_upload_limit_bytes: u64,
     /// How long one slide upload may take (the general request timeout is too short for gigabytes).
     pub slide_upload_timeout_secs: u64,
     pub models_dir: PathBuf,
@@ -105,6 +107,7 @@ impl Default for Config {
             model_upload_limit_bytes: 512 * 1024 * 1024,
             slide_upload_limit_bytes: 20 * 1024 * 1024 * 1024,
             slide_upload_timeout_secs: 3600,
+            embeddings_upload_limit_bytes: 1024 * 1024 * 1024,
             models_dir: "./models".into(),
             ort_dylib_path: None,
             execution_provider: "auto".into(),
@@ -210,6 +213,10 @@ impl Config {
             (
                 "ONKOS_SLIDE_UPLOAD_LIMIT_BYTES",
                 self.slide_upload_limit_bytes,
+            ),
+            (
+                "ONKOS_EMBEDDINGS_UPLOAD_LIMIT_BYTES",
+                self.embeddings_upload_limit_bytes,
             ),
             (
                 "ONKOS_SLIDE_UPLOAD_TIMEOUT_SECS",

@@ -37,6 +37,24 @@ pub struct Manifest {
     /// Slide models (`modality: "slide"`): how tiles are cut and what the model measures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slide: Option<SlideSpec>,
+    /// Embedding models (`modality: "embeddings"`): a MIL head over one slide's tile embeddings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mil: Option<MilSpec>,
+}
+
+/// An attention / multiple-instance (MIL) head over one bag of tile embeddings: float32
+/// `[N, embedding_dim]` in, one slide-level output (e.g. `[1, C]` probabilities) out, and
+/// optionally one attention weight per tile (CLAM, ABMIL, TransMIL exported to ONNX).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MilSpec {
+    /// Width of each tile's embedding.
+    pub embedding_dim: usize,
+    /// The encoder the embeddings must come from, with its tile size and µm/pixel. onkos checks
+    /// the width only: embeddings of another encoder give a meaningless answer.
+    pub encoder: String,
+    /// The output with one attention weight per tile, when the head has one.
+    #[serde(default)]
+    pub attention: Option<String>,
 }
 
 /// How a slide model sees a slide: square RGB tiles of `tile_size` pixels at `mpp` µm per pixel,
@@ -267,12 +285,22 @@ impl Manifest {
                 self.schema
             ));
         }
-        match (self.modality.as_str(), &self.slide) {
-            ("slide", Some(spec)) => return self.check_slide(spec),
-            ("slide", None) => return Err("a slide model needs a slide section".into()),
-            ("features", None) => {}
-            ("features", Some(_)) => return Err("a feature model has no slide section".into()),
-            (other, _) => return Err(format!("modality {other:?} is not features or slide")),
+        match (self.modality.as_str(), &self.slide, &self.mil) {
+            ("slide", Some(spec), None) => return self.check_slide(spec),
+            ("slide", _, _) => return Err("a slide model needs a slide section (only)".into()),
+            ("embeddings", None, Some(spec)) => return self.check_mil(spec),
+            ("embeddings", _, _) => {
+                return Err("an embeddings model needs a mil section (only)".into());
+            }
+            ("features", None, None) => {}
+            ("features", _, _) => {
+                return Err("a feature model has no slide or mil section".into());
+            }
+            (other, _, _) => {
+                return Err(format!(
+                    "modality {other:?} is not features, slide or embeddings"
+                ));
+            }
         }
         let mut seen = HashSet::new();
         if let Some(dup) = self.inputs.iter().find(|i| !seen.insert(i.name.as_str())) {
@@ -405,6 +433,40 @@ impl Manifest {
             _ => return Err("task must match exactly one of classification / survival".into()),
         }
         Ok(())
+    }
+
+    fn check_mil(&self, spec: &MilSpec) -> Result<(), String> {
+        if self.task != Task::Classification || self.classification.is_none() {
+            return Err(
+                "an embeddings model is a classification with a classification section".into(),
+            );
+        }
+        if self.onnx.outputs.probabilities.is_none() {
+            return Err("an embeddings model names its probabilities output".into());
+        }
+        if self.onnx.input_type != InputType::Float32 {
+            return Err("an embeddings model takes float32 embeddings".into());
+        }
+        if !self.inputs.is_empty() || !self.encoding.is_empty() {
+            return Err("an embeddings model takes tile embeddings, not listed inputs".into());
+        }
+        if !(1..=65_536).contains(&spec.embedding_dim) {
+            return Err(format!(
+                "embedding_dim {} is not within 1-65536",
+                spec.embedding_dim
+            ));
+        }
+        if spec.encoder.trim().is_empty() {
+            return Err("mil.encoder must say which encoder the embeddings come from".into());
+        }
+        Ok(())
+    }
+
+    /// Values per row of the ONNX input: the encoded columns, or a MIL head's embedding width.
+    pub fn input_width(&self) -> usize {
+        self.mil
+            .as_ref()
+            .map_or(self.encoding.len(), |m| m.embedding_dim)
     }
 
     fn check_slide(&self, spec: &SlideSpec) -> Result<(), String> {
@@ -552,6 +614,18 @@ impl Manifest {
 
     /// The input contract as a JSON Schema (2020-12) for integrators and form generators.
     pub fn input_schema(&self) -> Value {
+        if let Some(spec) = &self.mil {
+            return serde_json::json!({
+                "type": "object",
+                "description": format!("A MIL analysis: one slide's tile embeddings, {} wide, from {}", spec.embedding_dim, spec.encoder),
+                "properties": {
+                    "embeddings": {"type": "string", "format": "uuid", "description": "the id POST /v1/embeddings answered"},
+                },
+                "required": ["embeddings"],
+                "additionalProperties": false,
+                "x-embedding-dim": spec.embedding_dim,
+            });
+        }
         if let Some(spec) = &self.slide {
             return serde_json::json!({
                 "type": "object",

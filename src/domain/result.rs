@@ -136,8 +136,36 @@ pub struct ClassificationResult {
     pub explanation: Option<Explanation>,
     /// Inputs outside the range the model was trained on: the result is an extrapolation there.
     pub out_of_training_range: Vec<RangeFlag>,
+    /// MIL models: the bag of tile embeddings that was classified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bag: Option<BagSummary>,
     /// What the model may be used for; no result claims more than its card.
     pub intended_use: String,
+}
+
+/// What a MIL analysis looked at: one slide's tile embeddings, and the tiles its head attended to
+/// most.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BagSummary {
+    pub embeddings: uuid::Uuid,
+    pub tiles: usize,
+    pub dim: usize,
+    /// The encoder the model takes embeddings from (its manifest); onkos checks the width only.
+    pub encoder: String,
+    /// Highest attention first (at most 8), when the head gives attention.
+    pub attention: Vec<AttendedTile>,
+}
+
+/// One of the tiles a MIL head attended to most.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AttendedTile {
+    pub rank: usize,
+    /// Row of the tile in the uploaded `embeddings`.
+    pub index: usize,
+    /// The tile's level-0 position, when the upload had `coords`.
+    pub x: Option<f64>,
+    pub y: Option<f64>,
+    pub weight: f64,
 }
 
 /// The risk score and where it sits.
@@ -258,6 +286,7 @@ pub fn build(
             },
             explanation,
             out_of_training_range: flags,
+            bag: None,
             intended_use,
         }));
     }

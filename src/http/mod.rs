@@ -2,6 +2,7 @@
 //! and the guarantee that every error response is problem+json.
 
 pub mod analyses;
+pub mod embeddings;
 pub mod extract;
 pub mod health;
 pub mod models;
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
             get(analyses::pictures::evidence),
         )
         .route("/v1/slides/{id}", get(slides::get))
+        .route("/v1/embeddings/{id}", get(embeddings::get))
         .route("/v1/slides/{id}/thumbnail", get(slides::thumbnail))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -81,6 +83,7 @@ pub fn router(state: AppState) -> Router {
     // streaming) and timeout.
     let uploads = Router::new()
         .route("/v1/slides", post(slides::upload))
+        .route("/v1/embeddings", post(embeddings::upload))
         .layer(DefaultBodyLimit::disable())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

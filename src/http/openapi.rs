@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers; served at `/openapi.json` and committed
 //! at `openapi/openapi.json` (a test keeps the two equal).
 
-use crate::http::{analyses, health, models, slides};
+use crate::http::{analyses, embeddings, health, models, slides};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -31,6 +31,8 @@ use utoipa::{Modify, OpenApi};
         slides::upload,
         slides::get,
         slides::thumbnail,
+        embeddings::upload,
+        embeddings::get,
         health::healthz,
         health::readyz
     ),
@@ -40,6 +42,7 @@ use utoipa::{Modify, OpenApi};
         (name = "analyses", description = "Submit analyses and read their results"),
         (name = "models", description = "The model catalogue: cards, input contracts, versions"),
         (name = "slides", description = "Whole-slide images: streamed upload, format and pyramid as read from the file"),
+        (name = "embeddings", description = "Precomputed tile embeddings of a slide (safetensors), the input of a MIL model"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -72,7 +72,7 @@ fn view(r: SlideRecord) -> SlideView {
 }
 
 /// Removes a staged upload however the request ends (error, refusal, client gone).
-struct Staged(PathBuf);
+pub(crate) struct Staged(pub(crate) PathBuf);
 
 impl Drop for Staged {
     fn drop(&mut self) {
@@ -107,28 +107,20 @@ pub async fn upload(
     body: Body,
 ) -> ApiResult<Response> {
     principal.require(&[Role::Submitter, Role::Admin])?;
-    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let declared = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !declared.eq_ignore_ascii_case("application/octet-stream") {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "a slide is uploaded as application/octet-stream (the raw file), not {declared:?}"
-        )));
-    }
-    let filename = params.filename.filter(|f| !f.trim().is_empty());
-    if filename
-        .as_ref()
-        .is_some_and(|f| f.len() > 255 || f.chars().any(char::is_control))
-    {
-        return Err(ApiError::BadRequest(
-            "filename must be at most 255 characters, without control characters".into(),
-        ));
-    }
-
-    let staged = Staged(state.blobs.staging_path());
-    let (sha256, size) = stream_to(&staged.0, body, state.config.slide_upload_limit_bytes).await?;
+    let Upload {
+        staged,
+        filename,
+        sha256,
+        size,
+    } = stage(
+        &state,
+        params,
+        &headers,
+        body,
+        "a slide",
+        state.config.slide_upload_limit_bytes,
+    )
+    .await?;
     let path = staged.0.clone();
     let info = tokio::task::spawn_blocking(move || {
         let mut head = [0_u8; SNIFF_LEN];
@@ -225,6 +217,53 @@ fn answer(status: StatusCode, record: SlideRecord) -> Response {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
+}
+
+/// A raw-file upload, staged: removed when dropped unless moved into the blob store first.
+pub(crate) struct Upload {
+    pub staged: Staged,
+    pub filename: Option<String>,
+    pub sha256: String,
+    pub size: i64,
+}
+
+/// Checks a raw-file upload's content type and `filename`, then streams the body to a staging
+/// file, hashing it, under `limit` bytes. `what` names the file for the caller ("a slide").
+pub(crate) async fn stage(
+    state: &AppState,
+    params: Result<Query<UploadParams>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+    limit: u64,
+) -> ApiResult<Upload> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !declared.eq_ignore_ascii_case("application/octet-stream") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "{what} is uploaded as application/octet-stream (the raw file), not {declared:?}"
+        )));
+    }
+    let filename = params.filename.filter(|f| !f.trim().is_empty());
+    if filename
+        .as_ref()
+        .is_some_and(|f| f.len() > 255 || f.chars().any(char::is_control))
+    {
+        return Err(ApiError::BadRequest(
+            "filename must be at most 255 characters, without control characters".into(),
+        ));
+    }
+    let staged = Staged(state.blobs.staging_path());
+    let (sha256, size) = stream_to(&staged.0, body, limit).await?;
+    Ok(Upload {
+        staged,
+        filename,
+        sha256,
+        size,
+    })
 }
 
 /// Streams the body into `path`, hashing it; 413 as soon as it passes `limit`.

@@ -209,12 +209,65 @@ impl OnnxModel {
             .collect()
     }
 
+    /// Runs one bag of `n` embeddings (`[n, width]` float32, row-major) through a MIL head: the
+    /// bag's probabilities (one row) and, when `attention` names an output, one weight per tile.
+    pub fn predict_bag(
+        &self,
+        embeddings: &[f32],
+        n: usize,
+        attention: Option<&str>,
+    ) -> anyhow::Result<(Vec<f64>, Option<Vec<f64>>)> {
+        anyhow::ensure!(
+            n > 0 && embeddings.len() == n * self.width,
+            "{} values are not {n} embeddings of {}",
+            embeddings.len(),
+            self.width
+        );
+        let probabilities = self
+            .outputs
+            .probabilities
+            .as_deref()
+            .ok_or_else(|| anyhow!("the manifest names no probabilities output"))?;
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("an earlier inference panicked"))?;
+        let result = session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, self.width], embeddings))?])?;
+        let flat = |name: &str| -> anyhow::Result<Vec<f64>> {
+            let value = result
+                .get(name)
+                .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
+            flat_values(value)
+        };
+        let weights = match attention {
+            Some(name) => {
+                let weights = flat(name)?;
+                anyhow::ensure!(
+                    weights.len() == n,
+                    "output {name} gives {} attention weights for {n} tiles",
+                    weights.len()
+                );
+                Some(weights)
+            }
+            None => None,
+        };
+        Ok((flat(probabilities)?, weights))
+    }
+
     /// The names of the graph's outputs.
     pub fn output_names(&self) -> Vec<String> {
         self.session
             .lock()
             .map(|s| s.outputs().iter().map(|o| o.name().to_owned()).collect())
             .unwrap_or_default()
+    }
+}
+
+/// Every value of a float output (f32 or f64), whatever its shape.
+fn flat_values(value: &ort::value::DynValue) -> anyhow::Result<Vec<f64>> {
+    match value.try_extract_tensor::<f32>() {
+        Ok((_, v)) => Ok(v.iter().map(|x| f64::from(*x)).collect()),
+        Err(_) => Ok(value.try_extract_tensor::<f64>()?.1.to_vec()),
     }
 }
 

@@ -7,7 +7,8 @@ use crate::domain::contract::RangeFlag;
 use crate::domain::ids::TenantId;
 use crate::domain::result::ModelOutputs;
 use crate::domain::result::{
-    Evidence, Measurement, SLIDE_SCHEMA, SlideResult, SlideStages, SlideSummary,
+    AnalysisResult, AttendedTile, BagSummary, Evidence, Measurement, SLIDE_SCHEMA, SlideResult,
+    SlideStages, SlideSummary,
 };
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
@@ -193,10 +194,14 @@ impl Worker {
                 return vec![Attempt::Transient(error); jobs.len()];
             }
         };
-        if model.manifest.slide.is_some() {
+        if model.manifest.slide.is_some() || model.manifest.mil.is_some() {
             let mut attempts = Vec::with_capacity(jobs.len());
             for job in jobs {
-                attempts.push(self.run_slide(&model, job).await);
+                attempts.push(if model.manifest.mil.is_some() {
+                    self.run_bag(&model, job).await
+                } else {
+                    self.run_slide(&model, job).await
+                });
             }
             return attempts;
         }
@@ -369,6 +374,35 @@ impl Worker {
                 Attempt::Transient("the slide analysis stopped unexpectedly on the worker".into())
             }
         }
+    }
+
+    /// One MIL analysis: the bag of tile embeddings through the model's head, off the async
+    /// threads.
+    async fn run_bag(&self, model: &Arc<LoadedModel>, job: &ClaimedJob) -> Attempt {
+        let id = job
+            .input
+            .get("embeddings")
+            .and_then(Value::as_str)
+            .and_then(|s| Uuid::parse_str(s).ok());
+        let (Some(id), Ok(tenant)) = (id, TenantId::parse(&job.tenant_id)) else {
+            return Attempt::Permanent("the stored input names no embeddings".into());
+        };
+        let record = match repo::embeddings::find(&self.pool, &tenant, Key::Id(id)).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Attempt::Permanent(format!("embeddings {id} no longer exist")),
+            Err(e) => {
+                return Attempt::Transient(format!("the embeddings record cannot be read: {e}"));
+            }
+        };
+        let path = self.registry.blobs().path_of(&record.blob_key);
+        let loaded = Arc::clone(model);
+        let wait_ms = queue_wait_ms(job);
+        let run =
+            tokio::task::spawn_blocking(move || bag_result(&loaded, id, &path, wait_ms)).await;
+        run.unwrap_or_else(|e| {
+            tracing::error!(error = %e, analysis = %job.analysis_id, "MIL analysis panicked");
+            Attempt::Transient("the analysis stopped unexpectedly on the worker".into())
+        })
     }
 
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
@@ -596,6 +630,87 @@ struct Timings {
     batch_size: usize,
     /// `queue` (claimed by a worker) or `inline` (run while its submitter waited).
     dispatch: &'static str,
+}
+
+/// Reads a bag of tile embeddings, runs the MIL head and builds the classification result with
+/// the bag and its most attended tiles. Blocking.
+fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f64) -> Attempt {
+    let Some(spec) = model.manifest.mil.as_ref() else {
+        return Attempt::Permanent("not a MIL model".into());
+    };
+    let bag = match std::fs::read(path) {
+        Ok(bytes) => match crate::slides::embeddings::parse(&bytes) {
+            Ok(bag) => bag,
+            Err(why) => return Attempt::Permanent(why),
+        },
+        Err(e) => return Attempt::Transient(format!("the embeddings file cannot be read: {e}")),
+    };
+    if bag.dim != spec.embedding_dim {
+        return Attempt::Permanent(format!(
+            "the embeddings are {} wide; the model takes {}",
+            bag.dim, spec.embedding_dim
+        ));
+    }
+    let started = Instant::now();
+    let (probabilities, attention) = match model.onnx.predict_bag(
+        &bag.values,
+        bag.tiles,
+        spec.attention.as_deref(),
+    ) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), model = %model.manifest.name, "MIL inference failed");
+            return Attempt::Transient("inference failed on the worker".into());
+        }
+    };
+    let infer_ms = started.elapsed().as_secs_f64() * 1e3;
+    let outputs = ModelOutputs {
+        probabilities: Some(probabilities),
+        ..ModelOutputs::default()
+    };
+    let mut result = match crate::domain::result::build(&model.manifest, &outputs, &[], Vec::new())
+    {
+        Ok(AnalysisResult::Classification(result)) => result,
+        Ok(_) => return Attempt::Permanent("a MIL model gives a classification".into()),
+        Err(why) => return Attempt::Permanent(why),
+    };
+    let mut ranked: Vec<(usize, f64)> = attention
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, w)| w.is_finite())
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    result.bag = Some(BagSummary {
+        embeddings: id,
+        tiles: bag.tiles,
+        dim: bag.dim,
+        encoder: spec.encoder.clone(),
+        attention: ranked
+            .into_iter()
+            .take(EVIDENCE_TILES)
+            .enumerate()
+            .map(|(rank, (index, weight))| {
+                let at = bag.coords.as_ref().map(|c| c[index]);
+                AttendedTile {
+                    rank: rank + 1,
+                    index,
+                    x: at.map(|p| p[0]),
+                    y: at.map(|p| p[1]),
+                    weight,
+                }
+            })
+            .collect(),
+    });
+    match serde_json::to_value(&result) {
+        Ok(result) => Attempt::Done {
+            result,
+            timings: json!({ "queue_wait_ms": wait_ms, "infer_ms": infer_ms,
+                             "batch_size": bag.tiles, "dispatch": "queue" }),
+            tiles: None,
+        },
+        Err(e) => Attempt::Permanent(format!("the result cannot be written: {e}")),
+    }
 }
 
 /// The stored result and timings of one analysis.

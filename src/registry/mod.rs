@@ -191,7 +191,7 @@ impl Registry {
             .map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
         let options = self.options.clone();
         let model = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
-            let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), &options)?;
+            let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.input_width(), &options)?;
             register::smoke_test(&manifest, &onnx)?;
             Ok(LoadedModel { manifest, onnx })
         })

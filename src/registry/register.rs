@@ -82,6 +82,32 @@ pub(super) fn smoke_test(manifest: &Manifest, onnx: &OnnxModel) -> anyhow::Resul
         );
         return Ok(());
     }
+    if let (Some(spec), Some(classes)) = (&manifest.mil, &manifest.classification) {
+        // A bag of three zero embeddings: probabilities per label in [0, 1], one weight per tile.
+        let bag = vec![0.0_f32; 3 * spec.embedding_dim];
+        let (p, attention) = onnx
+            .predict_bag(&bag, 3, spec.attention.as_deref())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the model does not run on a probe bag of 3 x {} embeddings: {e:#}",
+                    spec.embedding_dim
+                )
+            })?;
+        anyhow::ensure!(
+            p.len() == classes.labels.len(),
+            "the model returns {} probabilities, the manifest lists {} labels",
+            p.len(),
+            classes.labels.len()
+        );
+        anyhow::ensure!(
+            p.iter()
+                .chain(attention.iter().flatten())
+                .all(|v| v.is_finite())
+                && p.iter().all(|v| (0.0..=1.0).contains(v)),
+            "the model's probabilities or attention weights are not finite probabilities: {p:?}"
+        );
+        return Ok(());
+    }
     let row: Vec<f64> = match &manifest.explanation {
         Some(e) => e.means.clone(),
         None => manifest

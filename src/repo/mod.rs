@@ -2,6 +2,7 @@
 
 pub mod analyses;
 pub mod audit;
+pub mod embeddings;
 pub mod idempotency;
 pub mod jobs;
 pub mod models;

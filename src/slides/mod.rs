@@ -3,6 +3,7 @@
 
 pub mod analyse;
 pub mod bench;
+pub mod embeddings;
 pub mod heatmap;
 pub mod openslide;
 pub mod read;

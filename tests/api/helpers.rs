@@ -218,6 +218,41 @@ impl TestApp {
     }
 
     /// Runs the worker once; returns how many analyses it finished.
+    /// Registers a test-fixture model (`tests/fixtures/models/<folder>`: manifest.json and
+    /// model.onnx) in `tenant` through the API, and activates it.
+    pub async fn register_fixture(&self, tenant: &str, folder: &str, name: &str, version: &str) {
+        use reqwest::multipart::{Form, Part};
+        let admin = self.token(tenant, "admin");
+        let dir = repo_path(&format!("tests/fixtures/models/{folder}"));
+        let file = |name: &str| {
+            Part::bytes(std::fs::read(dir.join(name)).unwrap()).file_name(name.to_owned())
+        };
+        let form = Form::new()
+            .part("manifest", file("manifest.json"))
+            .part("onnx", file("model.onnx"))
+            .text("card", "# Test fixture\nRandom weights; not a model.");
+        let registered = self
+            .client
+            .post(format!("{}/v1/models", self.base))
+            .bearer_auth(&admin)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), 201, "{:?}", registered.text().await);
+        let activate = self
+            .client
+            .post(format!(
+                "{}/v1/models/{name}/versions/{version}/activate",
+                self.base
+            ))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(activate.status(), 200);
+    }
+
     pub async fn step(&self) -> usize {
         self.worker.step().await.unwrap()
     }

@@ -5,6 +5,7 @@
 mod analyses;
 mod auth;
 mod batches;
+mod embeddings;
 mod helpers;
 mod input_contract;
 mod models;

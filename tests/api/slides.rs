@@ -643,41 +643,9 @@ async fn a_running_slide_analysis_shows_the_progress_its_worker_records() {
 
 #[tokio::test]
 async fn a_registered_tile_classifier_runs_over_a_slide_with_its_normalisation_and_columns() {
-    use reqwest::multipart::{Form, Part};
     let app = TestApp::spawn().await;
-    let admin = app.token("oslo", "admin");
-    let dir = repo_path("tests/fixtures/models/tiny-tile-cnn");
-    let form = Form::new()
-        .part(
-            "manifest",
-            Part::bytes(std::fs::read(dir.join("manifest.json")).unwrap())
-                .file_name("manifest.json"),
-        )
-        .part(
-            "onnx",
-            Part::bytes(std::fs::read(dir.join("model.onnx")).unwrap()).file_name("model.onnx"),
-        )
-        .text("card", "# Test fixture\nRandom weights; not a model.");
-    let registered = app
-        .client
-        .post(format!("{}/v1/models", app.base))
-        .bearer_auth(&admin)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201, "{:?}", registered.text().await);
-    let activate = app
-        .client
-        .post(format!(
-            "{}/v1/models/oslo-tile-classifier/versions/0.1.0/activate",
-            app.base
-        ))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(activate.status(), 200);
+    app.register_fixture("oslo", "tiny-tile-cnn", "oslo-tile-classifier", "0.1.0")
+        .await;
 
     let token = app.token("oslo", "submitter");
     let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;

@@ -31,6 +31,45 @@ pub struct CreateAnalysisRequest {
     pub priority: Option<Priority>,
 }
 
+/// A slide analysis: a slide model over an uploaded slide.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlideAnalysisRequest {
+    /// A slide model, e.g. `he-stain-quantification`.
+    pub model: String,
+    /// The id `POST /v1/slides` answered.
+    pub slide: Uuid,
+    /// µm per level-0 pixel, only for a slide whose file states none (one that contradicts the
+    /// file is refused).
+    pub mpp: Option<f64>,
+    pub subject: Option<String>,
+    #[schema(default = "routine")]
+    pub priority: Option<Priority>,
+}
+
+/// A MIL analysis: a model with a MIL head over an uploaded bag of tile embeddings.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingsAnalysisRequest {
+    /// A model whose modality is `embeddings`.
+    pub model: String,
+    /// The id `POST /v1/embeddings` answered.
+    pub embeddings: Uuid,
+    pub subject: Option<String>,
+    #[schema(default = "routine")]
+    pub priority: Option<Priority>,
+}
+
+/// What `POST /v1/analyses` takes as JSON: features for a feature model, a slide for a slide
+/// model, tile embeddings for a MIL model.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum AnalysisRequest {
+    Features(CreateAnalysisRequest),
+    Slide(SlideAnalysisRequest),
+    Embeddings(EmbeddingsAnalysisRequest),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AnalysisAccepted {
     pub id: AnalysisId,

@@ -3,7 +3,7 @@
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
 use super::read::{parse_wait, read_when_final};
-use super::{AnalysisAccepted, AnalysisView, BatchAccepted, CreateAnalysisRequest, view};
+use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, view};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 const FIELDS: [&str; 4] = ["model", "features", "subject", "priority"];
 const SLIDE_FIELDS: [&str; 5] = ["model", "slide", "mpp", "subject", "priority"];
+const BAG_FIELDS: [&str; 4] = ["model", "embeddings", "subject", "priority"];
 const MAX_SUBJECT: usize = 256;
 /// A CSV with many broken rows lists this many errors, not thousands.
 const MAX_REPORTED_ERRORS: usize = 100;
@@ -73,7 +74,7 @@ struct Prepared {
 #[utoipa::path(post, path = "/v1/analyses", tag = "analyses",
     params(SubmitParams, ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and request return the first answer")),
     request_body(content(
-        (CreateAnalysisRequest = "application/json"),
+        (AnalysisRequest = "application/json"),
         (String = "text/csv", example = "subject,mean_radius,mean_texture,...\nACC-1,17.99,10.38,...")
     )),
     security(("bearer" = [])),
@@ -138,6 +139,9 @@ pub async fn create(
                 Some(Ok(model)) if model.manifest.slide.is_some() => {
                     prepare_slide(&state, &principal, &body, model).await?
                 }
+                Some(Ok(model)) if model.manifest.mil.is_some() => {
+                    prepare_bag(&state, &principal, &body, model).await?
+                }
                 model => prepare_json(&body, model)?,
             }
         }
@@ -160,7 +164,7 @@ pub async fn create(
         priority: prepared.priority,
         batch_id: prepared.batch_id,
         max_attempts: state.retry_max_attempts(),
-        batchable: manifest.slide.is_none(),
+        batchable: manifest.slide.is_none() && manifest.mil.is_none(),
     };
     let first_id = prepared.analyses[0].id;
     // A waiting submitter of one case on a process with a worker: run it now (microseconds for a
@@ -419,17 +423,7 @@ async fn prepare_slide(
         .slide
         .clone()
         .ok_or_else(|| anyhow::anyhow!("prepare_slide called for a feature model"))?;
-    let mut errors: Vec<FieldError> = body
-        .keys()
-        .filter(|k| !SLIDE_FIELDS.contains(&k.as_str()))
-        .map(|k| {
-            FieldError::new(
-                k.clone(),
-                "unknown",
-                format!("{k} is not a field of a slide analysis"),
-            )
-        })
-        .collect();
+    let mut errors = unknown_fields(body, &SLIDE_FIELDS, "a slide analysis");
     let (subject, priority) = (subject_of(body), priority_of(body));
     let stated = match body.get("mpp") {
         None | Some(Value::Null) => Ok(None),
@@ -521,7 +515,35 @@ async fn prepare_slide(
     }
     let input = json!({"slide": slide.id, "mpp": mpp, "mpp_source": source});
     let digest = hex::encode(Sha256::digest(format!("slide:{}:mpp:{mpp}", slide.sha256)));
-    Ok(Prepared {
+    Ok(one_analysis(
+        model, priority, subject, input, digest, started,
+    ))
+}
+
+/// Body keys that are not among `allowed`, each named as an error.
+fn unknown_fields(body: &Map<String, Value>, allowed: &[&str], what: &str) -> Vec<FieldError> {
+    body.keys()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .map(|k| {
+            FieldError::new(
+                k.clone(),
+                "unknown",
+                format!("{k} is not a field of {what}"),
+            )
+        })
+        .collect()
+}
+
+/// A submission of one queued analysis (a slide or a bag of embeddings).
+fn one_analysis(
+    model: Arc<LoadedModel>,
+    priority: Priority,
+    subject: Option<&str>,
+    input: Value,
+    digest: String,
+    started: Instant,
+) -> Prepared {
+    Prepared {
         model,
         priority,
         batch_id: None,
@@ -534,7 +556,65 @@ async fn prepare_slide(
             finished: None,
         }],
         row: None,
-    })
+    }
+}
+
+/// `{"model", "embeddings", "subject"?, "priority"?}` for a MIL model: the bag must be the
+/// tenant's and as wide as the model's embeddings.
+async fn prepare_bag(
+    state: &AppState,
+    principal: &Principal,
+    body: &Map<String, Value>,
+    model: Arc<LoadedModel>,
+) -> ApiResult<Prepared> {
+    let started = Instant::now();
+    let spec = model
+        .manifest
+        .mil
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("prepare_bag called for a model without a MIL head"))?;
+    let mut errors = unknown_fields(body, &BAG_FIELDS, "an embeddings analysis");
+    let (subject, priority) = (subject_of(body), priority_of(body));
+    let unknown = |why: String| FieldError::new("embeddings", "unknown_embeddings", why);
+    let bag = match body.get("embeddings") {
+        None => Err(FieldError::new(
+            "embeddings",
+            "required",
+            format!(
+                "embeddings is required: the id POST /v1/embeddings answered ({} analyses tile embeddings)",
+                model.manifest.name
+            ),
+        )),
+        Some(Value::String(id)) => match Uuid::parse_str(id) {
+            Ok(id) => repo::embeddings::find(&state.pool, &principal.tenant, Key::Id(id))
+                .await?
+                .ok_or_else(|| unknown(format!("no embeddings {id} in this tenant"))),
+            Err(_) => Err(unknown("embeddings must be an embeddings id".into())),
+        },
+        Some(_) => Err(unknown("embeddings must be an embeddings id".into())),
+    };
+    let (bag, subject, priority) = match (bag, subject, priority) {
+        (Ok(b), Ok(s), Ok(p)) if errors.is_empty() => (b, s, p),
+        (b, s, p) => {
+            errors.extend([b.err(), s.err(), p.err()].into_iter().flatten());
+            return Err(ApiError::Validation(errors));
+        }
+    };
+    if usize::try_from(bag.dim).ok() != Some(spec.embedding_dim) {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "embeddings",
+            "wrong_width",
+            format!(
+                "embeddings {} are {} wide; {} takes {} wide embeddings from {}",
+                bag.id, bag.dim, model.manifest.name, spec.embedding_dim, spec.encoder
+            ),
+        )]));
+    }
+    let input = json!({"embeddings": bag.id});
+    let digest = hex::encode(Sha256::digest(format!("embeddings:{}", bag.sha256)));
+    Ok(one_analysis(
+        model, priority, subject, input, digest, started,
+    ))
 }
 
 /// Checks the JSON envelope and the features, collecting every error.
@@ -727,8 +807,19 @@ fn row_error(row: usize, e: FieldError) -> FieldError {
 /// The model a submission names: its active version for this tenant, or a contract error.
 type Resolved = Result<Arc<LoadedModel>, FieldError>;
 
-/// Features go to feature models only; a slide model is sent `{"model", "slide"}`.
+/// Features go to feature models only; a slide model is sent `{"model", "slide"}`, a MIL model
+/// `{"model", "embeddings"}`.
 fn features_model(model: &LoadedModel) -> ApiResult<()> {
+    if model.manifest.mil.is_some() {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "model",
+            "embeddings_model",
+            format!(
+                "{} analyses tile embeddings: send {{\"model\", \"embeddings\": <embeddings id>}}, not features",
+                model.manifest.name
+            ),
+        )]));
+    }
     if model.manifest.slide.is_some() {
         return Err(ApiError::Validation(vec![FieldError::new(
             "model",
