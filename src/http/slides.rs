@@ -34,7 +34,7 @@ pub struct UploadParams {
 pub struct SlideView {
     pub id: Uuid,
     pub filename: Option<String>,
-    /// `aperio-svs`, `hamamatsu-ndpi` or `generic-tiff`.
+    /// `aperio-svs`, `hamamatsu-ndpi`, `generic-tiff` or `dicom-wsi`.
     pub format: String,
     pub vendor: Option<String>,
     pub size_bytes: i64,
@@ -83,7 +83,8 @@ impl Drop for Staged {
 /// Upload a whole-slide image (raw bytes, `application/octet-stream`).
 ///
 /// The body is streamed to storage and hashed on the way; memory use does not grow with the file.
-/// Formats read today: Aperio SVS, Hamamatsu NDPI and generic tiled or pyramidal TIFF. The answer is
+/// Formats read today: Aperio SVS, Hamamatsu NDPI, generic tiled or pyramidal TIFF and DICOM WSI
+/// (one VL Whole Slide Microscopy instance). The answer is
 /// 201 with the new slide, or 200 with the existing one when the tenant already uploaded these bytes.
 #[utoipa::path(post, path = "/v1/slides", tag = "slides", security(("bearer" = [])),
     params(UploadParams),
@@ -130,15 +131,13 @@ pub async fn upload(
             Sniffed::Tiff => {
                 crate::slides::inspect(std::io::BufReader::new(std::fs::File::open(&path)?))
             }
-            Sniffed::Dicom => Err(SlideError::Unsupported(
-                "DICOM whole-slide images are not read yet; upload the slide as SVS, NDPI or TIFF"
-                    .into(),
-            )),
+            Sniffed::Dicom => crate::slides::dicom::inspect(std::slice::from_ref(&path)),
             Sniffed::Zip => Err(SlideError::Unsupported(
                 "MIRAX (zip) slides are not read yet; upload the slide as SVS, NDPI or TIFF".into(),
             )),
             Sniffed::Unknown => Err(SlideError::Unsupported(
-                "not a slide: the bytes are not TIFF-based (SVS, NDPI, generic TIFF)".into(),
+                "not a slide: the bytes are neither TIFF-based (SVS, NDPI, generic TIFF) nor DICOM"
+                    .into(),
             )),
         };
         Ok::<_, std::io::Error>(read)

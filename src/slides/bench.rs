@@ -2,7 +2,7 @@
 //! same slide's level-0 tiles on the same cores, measured in the same run.
 
 use super::analyse::{Plan, analyse};
-use super::read::TiffSlide;
+use super::read::TiledSlide;
 use crate::config::Config;
 use crate::domain::contract::Manifest;
 use crate::inference::{OnnxModel, SessionOptions, init_runtime};
@@ -53,7 +53,7 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
 
     // The decode limit: every file tile of the level the pipeline read, decoded on all cores
     // (three passes), in model tiles per second: decoded pixels / pixels read per model tile.
-    let reader = TiffSlide::open(slide).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reader = TiledSlide::open(slide).map_err(|e| anyhow::anyhow!("{e}"))?;
     let level = &reader.levels[analysed.level];
     let tiles: Vec<(u32, u32)> = (0..level.tiles_down())
         .flat_map(|r| (0..level.tiles_across()).map(move |c| (c, r)))
@@ -76,7 +76,7 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
 
     // onkos's region reading alone (what OpenSlide's read_region does): every whole region of the
     // read size on that level, row by row, on all cores, from a fresh reader.
-    let reader = TiffSlide::open(slide).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reader = TiledSlide::open(slide).map_err(|e| anyhow::anyhow!("{e}"))?;
     reader.keep_tiles(level.tiles_across() as usize * 3);
     let side = read_size as u32;
     let positions: Vec<(u32, u32)> = (0..level.height / side)

@@ -3,6 +3,7 @@
 
 pub mod analyse;
 pub mod bench;
+pub mod dicom;
 pub mod embeddings;
 pub mod heatmap;
 pub mod openslide;
@@ -56,7 +57,7 @@ pub struct Level {
 /// What onkos knows about a slide from its file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlideInfo {
-    /// `aperio-svs`, `hamamatsu-ndpi` or `generic-tiff`.
+    /// `aperio-svs`, `hamamatsu-ndpi`, `generic-tiff` or `dicom-wsi`.
     pub format: String,
     pub vendor: Option<String>,
     pub levels: Vec<Level>,

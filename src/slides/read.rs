@@ -1,4 +1,4 @@
-//! Reading pixels from tiled TIFF slides (SVS, generic pyramidal TIFF).
+//! Reading pixels from tiled slides: TIFF (SVS, generic pyramidal TIFF) and DICOM WSI.
 //!
 //! The fast path: a JPEG tile's compressed bytes are read straight from the file (positioned reads,
 //! no lock, so many threads decode at once) and decoded with zune-jpeg, with the TIFF's shared
@@ -36,6 +36,8 @@ pub struct TiledLevel {
     pub tile_height: u32,
     /// Level-0 pixels per pixel of this level.
     pub downsample: f64,
+    /// The file the level is in (DICOM keeps each level in its own file).
+    file: usize,
     ifd: usize,
     offsets: Vec<u64>,
     counts: Vec<u64>,
@@ -57,11 +59,11 @@ impl TiledLevel {
 
 /// An open tiled slide.
 #[derive(Debug)]
-pub struct TiffSlide {
-    file: File,
+pub struct TiledSlide {
+    files: Vec<File>,
     pub levels: Vec<TiledLevel>,
-    /// For tiles the fast path does not decode.
-    decoder: Mutex<Decoder<BufReader<File>>>,
+    /// TIFF: for tiles the fast path does not decode.
+    decoder: Option<Mutex<Decoder<BufReader<File>>>>,
     /// Recently decoded tiles: neighbouring regions share file tiles, which are decoded once.
     cache: Mutex<LruCache<(usize, u32, u32), Arc<Rgb>>>,
 }
@@ -74,7 +76,7 @@ pub struct Rgb {
     pub pixels: Vec<u8>,
 }
 
-impl TiffSlide {
+impl TiledSlide {
     /// Opens the slide's tiled levels. A slide whose levels are stored in strips (NDPI) is refused
     /// with a reason; it is not read at the wrong resolution or guessed at.
     pub fn open(path: &Path) -> Result<Self, SlideError> {
@@ -128,6 +130,7 @@ impl TiffSlide {
                 tile_width,
                 tile_height,
                 downsample: level.downsample,
+                file: 0,
                 ifd,
                 offsets,
                 counts,
@@ -143,9 +146,9 @@ impl TiffSlide {
             ));
         }
         Ok(Self {
-            file,
+            files: vec![file],
             levels,
-            decoder: Mutex::new(decoder),
+            decoder: Some(Mutex::new(decoder)),
             cache: Mutex::new(LruCache::new(CACHED_TILES)),
         })
     }
@@ -163,10 +166,15 @@ impl TiffSlide {
             )));
         }
         let index = (row * l.tiles_across() + col) as usize;
-        let pixels = if l.compression == JPEG {
+        let pixels = if l.counts.get(index) == Some(&0) {
+            // A sparse image's missing tile: background.
+            vec![255_u8; (l.tile_width * l.tile_height * 3) as usize]
+        } else if l.compression == JPEG {
             self.jpeg_tile(l, index)?
+        } else if let Some(decoder) = &self.decoder {
+            self.other_tile(decoder, l, index)?
         } else {
-            self.other_tile(l, index)?
+            self.raw_tile(l, index)?
         };
         let expected = (l.tile_width * l.tile_height * 3) as usize;
         if pixels.len() != expected {
@@ -189,11 +197,13 @@ impl TiffSlide {
             .filter(|c| *c >= 4 && *c <= 64 << 20)
             .ok_or_else(|| SlideError::Invalid(format!("tile {index} has {count} bytes")))?;
         let mut tile = vec![0_u8; count];
-        self.file.read_exact_at(&mut tile, offset).map_err(|e| {
-            SlideError::Invalid(format!(
-                "tile {index} cannot be read (truncated file?): {e}"
-            ))
-        })?;
+        self.files[l.file]
+            .read_exact_at(&mut tile, offset)
+            .map_err(|e| {
+                SlideError::Invalid(format!(
+                    "tile {index} cannot be read (truncated file?): {e}"
+                ))
+            })?;
         // An abbreviated tile (SOI, scan, EOI) gets the shared tables spliced in after its SOI.
         let stream = match &l.tables {
             Some(tables) if tables.len() > 4 && tile.starts_with(&[0xFF, 0xD8]) => {
@@ -211,10 +221,17 @@ impl TiffSlide {
             ColorSpace::RGB
         };
         let options = DecoderOptions::default()
-            .jpeg_set_out_colorspace(out)
             .set_max_width(1 << 16)
             .set_max_height(1 << 16);
         let mut decoder = zune_jpeg::JpegDecoder::new_with_options(stream.as_slice(), options);
+        // A stream whose Adobe marker says RGB is taken as RGB by the decoder already; only an
+        // unmarked one needs "no conversion".
+        let out = if adobe_rgb(&stream) {
+            ColorSpace::RGB
+        } else {
+            out
+        };
+        decoder.set_options(options.jpeg_set_out_colorspace(out));
         let pixels = decoder.decode().map_err(|e| {
             SlideError::Invalid(format!("tile {index} is not a readable JPEG: {e:?}"))
         })?;
@@ -224,10 +241,34 @@ impl TiffSlide {
         }
     }
 
-    fn other_tile(&self, l: &TiledLevel, index: usize) -> Result<Vec<u8>, SlideError> {
+    /// An uncompressed tile of interleaved RGB bytes (DICOM native frames).
+    fn raw_tile(&self, l: &TiledLevel, index: usize) -> Result<Vec<u8>, SlideError> {
+        let mut tile = vec![0_u8; (l.tile_width * l.tile_height * 3) as usize];
+        if l.counts[index] < tile.len() as u64 {
+            return Err(SlideError::Invalid(format!(
+                "tile {index} has {} bytes, not {}",
+                l.counts[index],
+                tile.len()
+            )));
+        }
+        self.files[l.file]
+            .read_exact_at(&mut tile, l.offsets[index])
+            .map_err(|e| {
+                SlideError::Invalid(format!(
+                    "tile {index} cannot be read (truncated file?): {e}"
+                ))
+            })?;
+        Ok(tile)
+    }
+
+    fn other_tile(
+        &self,
+        decoder: &Mutex<Decoder<BufReader<File>>>,
+        l: &TiledLevel,
+        index: usize,
+    ) -> Result<Vec<u8>, SlideError> {
         let broken = |e: tiff::TiffError| SlideError::Invalid(format!("tile {index}: {e}"));
-        let mut decoder = self
-            .decoder
+        let mut decoder = decoder
             .lock()
             .map_err(|_| SlideError::Invalid("the tile decoder failed earlier".into()))?;
         decoder.seek_to_image(l.ifd).map_err(broken)?;
@@ -332,6 +373,87 @@ impl TiffSlide {
             pixels: out,
         })
     }
+}
+
+impl TiledSlide {
+    /// Opens a DICOM WSI from its instances (one per level; thumbnails, labels and overviews are
+    /// left out). All levels must be of one series and keep the base level's aspect ratio.
+    pub fn open_dicom(paths: &[std::path::PathBuf]) -> Result<Self, SlideError> {
+        let mut instances = Vec::new();
+        for path in paths {
+            let instance = super::dicom::open_instance(path)?;
+            if instance.flavour == "VOLUME" {
+                let file = File::open(path)
+                    .map_err(|e| SlideError::Invalid(format!("the slide cannot be opened: {e}")))?;
+                instances.push((instance, file));
+            }
+        }
+        instances.sort_by_key(|(i, _)| std::cmp::Reverse(u64::from(i.width) * u64::from(i.height)));
+        let Some((base, _)) = instances.first() else {
+            return Err(SlideError::Invalid(
+                "the DICOM upload has no VOLUME image (only thumbnails, labels or overviews)"
+                    .into(),
+            ));
+        };
+        let (series, base_width, base_height) = (base.series.clone(), base.width, base.height);
+        let mut files = Vec::new();
+        let mut levels: Vec<TiledLevel> = Vec::new();
+        for (instance, file) in instances {
+            if instance.series != series {
+                return Err(SlideError::Invalid(
+                    "the DICOM instances belong to different series (slides)".into(),
+                ));
+            }
+            let downsample = f64::from(base_width) / f64::from(instance.width);
+            let aspect = f64::from(base_height) / f64::from(instance.height) / downsample;
+            if (aspect - 1.0).abs() > 0.02
+                || levels.last().is_some_and(|l| l.width == instance.width)
+            {
+                continue;
+            }
+            let (offsets, counts) = instance.tiles.iter().copied().unzip();
+            levels.push(TiledLevel {
+                width: instance.width,
+                height: instance.height,
+                tile_width: instance.tile_width,
+                tile_height: instance.tile_height,
+                downsample,
+                file: files.len(),
+                ifd: 0,
+                offsets,
+                counts,
+                tables: None,
+                compression: instance.compression,
+                photometric: instance.photometric,
+            });
+            files.push(file);
+        }
+        Ok(Self {
+            files,
+            levels,
+            decoder: None,
+            cache: Mutex::new(LruCache::new(CACHED_TILES)),
+        })
+    }
+}
+
+/// Whether a JPEG stream has an Adobe APP14 marker with transform 0 (its samples are RGB), among
+/// the markers before its scan.
+fn adobe_rgb(stream: &[u8]) -> bool {
+    let mut at = 2;
+    while at + 4 <= stream.len() && stream[at] == 0xFF {
+        let marker = stream[at + 1];
+        if marker == 0xDA || marker == 0xD9 {
+            return false;
+        }
+        let len = usize::from(u16::from_be_bytes([stream[at + 2], stream[at + 3]]));
+        let payload = &stream[(at + 4).min(stream.len())..(at + 2 + len).min(stream.len())];
+        if marker == 0xEE && payload.len() >= 12 && payload.starts_with(b"Adobe") {
+            return payload[11] == 0;
+        }
+        at += 2 + len;
+    }
+    false
 }
 
 type Layout = (Vec<u64>, Vec<u64>, Option<Vec<u8>>, u16, u16);

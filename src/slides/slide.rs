@@ -2,7 +2,7 @@
 //! every level of the file, OpenSlide in isolated processes otherwise.
 
 use super::openslide::OpenSlideSlide;
-use super::read::{Rgb, TiffSlide};
+use super::read::{Rgb, TiledSlide};
 use super::{SNIFF_LEN, SlideError, Sniffed, sniff};
 use std::io::Read;
 use std::path::Path;
@@ -18,7 +18,7 @@ pub struct LevelSize {
 
 #[derive(Debug)]
 enum Source {
-    Tiff(Box<TiffSlide>),
+    Tiff(Box<TiledSlide>),
     OpenSlide(OpenSlideSlide),
 }
 
@@ -26,10 +26,8 @@ enum Source {
 pub struct Slide {
     pub levels: Vec<LevelSize>,
     source: Source,
+    reader: String,
 }
-
-/// Which reader read a slide (recorded with every slide result).
-pub const FAST_PATH: &str = "onkos-tiff";
 
 impl Slide {
     /// Opens the slide. `processes` is how many OpenSlide reader processes read in parallel when
@@ -40,11 +38,15 @@ impl Slide {
             .and_then(|f| f.take(SNIFF_LEN as u64).read_to_end(&mut head))
             .map_err(|e| SlideError::Invalid(format!("the slide cannot be opened: {e}")))?;
         let fast = match sniff(&head) {
-            Sniffed::Tiff => match TiffSlide::open(path) {
-                Ok(slide) => return Ok(Self::from_tiff(slide)),
+            Sniffed::Tiff => match TiledSlide::open(path) {
+                Ok(slide) => return Ok(Self::tiled(slide, "onkos-tiff")),
                 Err(SlideError::Unsupported(why)) => Some(why),
                 Err(e) => return Err(e),
             },
+            Sniffed::Dicom => {
+                let slide = TiledSlide::open_dicom(&[path.to_path_buf()])?;
+                return Ok(Self::tiled(slide, "onkos-dicom"));
+            }
             _ => None,
         };
         let slide = OpenSlideSlide::open(path, processes).map_err(|e| match (e, &fast) {
@@ -65,11 +67,12 @@ impl Slide {
             .collect();
         Ok(Self {
             levels,
+            reader: format!("openslide-{}", slide.header.version),
             source: Source::OpenSlide(slide),
         })
     }
 
-    fn from_tiff(slide: TiffSlide) -> Self {
+    fn tiled(slide: TiledSlide, reader: &str) -> Self {
         let levels = slide
             .levels
             .iter()
@@ -82,19 +85,17 @@ impl Slide {
         Self {
             levels,
             source: Source::Tiff(Box::new(slide)),
+            reader: reader.into(),
         }
     }
 
-    /// `onkos-tiff` (the fast path) or `openslide-<version>`.
+    /// `onkos-tiff` or `onkos-dicom` (the fast path), or `openslide-<version>`.
     pub fn reader(&self) -> String {
-        match &self.source {
-            Source::Tiff(_) => FAST_PATH.into(),
-            Source::OpenSlide(s) => format!("openslide-{}", s.header.version),
-        }
+        self.reader.clone()
     }
 
     /// The fast-path reader, when it reads this slide.
-    pub fn tiff(&self) -> Option<&TiffSlide> {
+    pub fn tiff(&self) -> Option<&TiledSlide> {
         match &self.source {
             Source::Tiff(t) => Some(t),
             Source::OpenSlide(_) => None,

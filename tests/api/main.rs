@@ -5,6 +5,7 @@
 mod analyses;
 mod auth;
 mod batches;
+mod dicom;
 mod embeddings;
 mod helpers;
 mod input_contract;

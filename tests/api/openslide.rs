@@ -6,7 +6,7 @@ use crate::helpers::{TestApp, repo_path};
 use crate::slides::{STAIN, fixture, uploaded};
 use onkos::slides::SlideError;
 use onkos::slides::openslide::{OpenSlideSlide, set_reader_program};
-use onkos::slides::read::TiffSlide;
+use onkos::slides::read::TiledSlide;
 use onkos::slides::slide::Slide;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -46,7 +46,7 @@ fn openslide_and_the_fast_path_agree_pixel_for_pixel_where_both_read() {
         ("generic-boxes.tiff", 1, 40, 50, 120, 100),
     ];
     for &(file, level, x, y, width, height) in regions {
-        let fast = TiffSlide::open(&slide_path(file)).unwrap();
+        let fast = TiledSlide::open(&slide_path(file)).unwrap();
         let broad = OpenSlideSlide::open(&slide_path(file), 1).unwrap();
         let ours = fast.region(level, x, y, width, height).unwrap();
         let theirs = broad.region(level, x, y, width, height).unwrap();
@@ -94,9 +94,12 @@ fn slides_the_fast_path_cannot_read_open_through_openslide_and_others_are_refuse
         a.pixels.iter().any(|&v| v != 255),
         "the region is all background"
     );
-    // Neither reader takes the non-conformant DICOM file: refused with both reasons.
-    let dicom = Slide::open(&slide_path("dicom-nonconformant-single-frame-set.dcm"), 1);
-    match dicom {
+    // What neither reader knows is refused with OpenSlide's reason.
+    let pdf = std::env::temp_dir().join(format!("onkos-not-a-slide-{}.pdf", std::process::id()));
+    std::fs::write(&pdf, b"%PDF-1.7 not a slide").unwrap();
+    let refused = Slide::open(&pdf, 1);
+    std::fs::remove_file(&pdf).unwrap();
+    match refused {
         Err(SlideError::Unsupported(why)) => assert!(why.contains("OpenSlide"), "{why}"),
         other => panic!("{other:?}"),
     }

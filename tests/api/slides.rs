@@ -174,11 +174,8 @@ async fn files_that_are_not_readable_slides_are_refused_and_nothing_is_kept() {
         "{problem}"
     );
     let dicom = fixture("dicom-nonconformant-single-frame-set.dcm");
-    let problem = assert_problem(upload(&app, &token, dicom, octet).await, 415).await;
-    assert!(
-        problem["detail"].as_str().unwrap().contains("DICOM"),
-        "{problem}"
-    );
+    let problem = assert_problem(upload(&app, &token, dicom, octet).await, 422).await;
+    assert!(problem.to_string().contains("no Image Type"), "{problem}");
     // A truncated SVS: its directory chain points past the end of the file.
     let mut truncated = fixture("aperio-cmu1-small-region.svs");
     truncated.truncate(truncated.len() / 3);
@@ -234,7 +231,7 @@ async fn an_upload_over_the_limit_is_refused_while_streaming() {
 /// cross tile borders and reach the edges, on the JPEG (SVS, RGB-encoded) and deflate (TIFF) paths.
 #[test]
 fn the_tile_reader_agrees_with_openslide_pixel_for_pixel() {
-    use onkos::slides::read::TiffSlide;
+    use onkos::slides::read::TiledSlide;
     let dir = repo_path("tests/fixtures/slides/openslide");
     let index: Value =
         serde_json::from_slice(&std::fs::read(dir.join("regions.json")).unwrap()).unwrap();
@@ -242,7 +239,7 @@ fn the_tile_reader_agrees_with_openslide_pixel_for_pixel() {
     assert_eq!(regions.len(), 7);
     for region in regions {
         let file = region["slide"].as_str().unwrap();
-        let slide = TiffSlide::open(&repo_path(&format!("tests/fixtures/slides/{file}"))).unwrap();
+        let slide = TiledSlide::open(&repo_path(&format!("tests/fixtures/slides/{file}"))).unwrap();
         let n = |k: &str| u32::try_from(region[k].as_u64().unwrap()).unwrap();
         let ours = slide
             .region(n("level") as usize, n("x"), n("y"), n("width"), n("height"))
@@ -271,7 +268,7 @@ fn the_tile_reader_agrees_with_openslide_pixel_for_pixel() {
 #[test]
 fn a_slide_stored_in_strips_is_refused_by_the_tile_reader_with_the_reason() {
     let ndpi = repo_path("tests/fixtures/slides/hamamatsu-fluorescence-dapi.ndpi");
-    let error = onkos::slides::read::TiffSlide::open(&ndpi).unwrap_err();
+    let error = onkos::slides::read::TiledSlide::open(&ndpi).unwrap_err();
     assert!(error.to_string().contains("strips"), "{error}");
 }
 

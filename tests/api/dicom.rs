@@ -1,0 +1,186 @@
+//! DICOM WSI on the fast path: frames read straight from the file like TIFF tiles. The fixtures
+//! (`tests/fixtures/slides/dicom/`, made by its `make_dicom.py`) are the Aperio SVS fixture
+//! converted with wsidicomizer (its JPEG tiles copied as they are) plus a second, uncompressed
+//! level and a thumbnail of the same series.
+
+use crate::helpers::{TestApp, assert_problem, repo_path};
+use crate::slides::{STAIN, fixture};
+use onkos::slides::read::TiledSlide;
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn dicom(name: &str) -> PathBuf {
+    repo_path(&format!("tests/fixtures/slides/dicom/{name}"))
+}
+
+#[test]
+fn a_dicom_wsi_reads_pixel_for_pixel_like_the_svs_it_was_converted_from() {
+    let svs = TiledSlide::open(&repo_path(
+        "tests/fixtures/slides/aperio-cmu1-small-region.svs",
+    ))
+    .unwrap();
+    // The thumbnail is left out of the pyramid; the uncompressed level is level 1, 4x smaller.
+    let slide = TiledSlide::open_dicom(&[
+        dicom("cmu1-thumbnail.dcm"),
+        dicom("cmu1-level1-native.dcm"),
+        dicom("cmu1-level0.dcm"),
+    ])
+    .unwrap();
+    assert_eq!(slide.levels.len(), 2);
+    assert_eq!(
+        (slide.levels[0].width, slide.levels[0].height),
+        (2220, 2967)
+    );
+    assert_eq!((slide.levels[1].width, slide.levels[1].height), (555, 741));
+    assert!((slide.levels[1].downsample - 4.0).abs() < 1e-9);
+    // Level 0: the same JPEG bytes through the same decoder, so exactly the same pixels, across
+    // tile borders and past the edges.
+    for (x, y, w, h) in [
+        (0, 0, 240, 240),
+        (230, 470, 300, 130),
+        (1000, 1500, 512, 512),
+        (2100, 2900, 200, 120),
+    ] {
+        assert_eq!(
+            slide.region(0, x, y, w, h).unwrap(),
+            svs.region(0, x, y, w, h).unwrap(),
+            "({x}, {y}) {w}x{h}"
+        );
+    }
+    // Level 1 (uncompressed frames) is level 0 averaged over 4 x 4 blocks: a misplaced frame would
+    // differ by far more than rounding.
+    let coarse = slide.region(1, 0, 0, 555, 741).unwrap();
+    let fine = svs.region(0, 0, 0, 2220, 2964).unwrap();
+    let mut worst = 0.0_f64;
+    for (y, x) in [(0, 0), (100, 300), (400, 200), (740, 554), (370, 277)] {
+        for c in 0..3 {
+            let mut sum = 0.0;
+            for dy in 0..4 {
+                for dx in 0..4 {
+                    sum += f64::from(
+                        fine.pixels[(((y * 4 + dy) * 2220 + x * 4 + dx) * 3 + c) as usize],
+                    );
+                }
+            }
+            let got = f64::from(coarse.pixels[((y * 555 + x) * 3 + c) as usize]);
+            worst = worst.max((got - sum / 16.0).abs());
+        }
+    }
+    assert!(worst <= 0.5 + 1e-9, "largest difference {worst}");
+}
+
+#[tokio::test]
+async fn a_dicom_wsi_is_uploaded_and_analysed_with_the_same_result_as_its_svs() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let upload = |bytes: Vec<u8>| {
+        let app = &app;
+        let token = &token;
+        async move {
+            let response = app
+                .client
+                .post(format!("{}/v1/slides?filename=cmu1.dcm", app.base))
+                .bearer_auth(token)
+                .header("content-type", "application/octet-stream")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let dcm = upload(std::fs::read(dicom("cmu1-level0.dcm")).unwrap()).await;
+    assert_eq!(dcm["format"], "dicom-wsi");
+    assert_eq!(
+        (dcm["width"].as_u64(), dcm["height"].as_u64()),
+        (Some(2220), Some(2967))
+    );
+    assert_eq!(dcm["levels"][0]["tile_width"], 240);
+    assert!(
+        (dcm["mpp_x"].as_f64().unwrap() - 0.499).abs() < 1e-9,
+        "{dcm}"
+    );
+    let svs = upload(fixture("aperio-cmu1-small-region.svs")).await;
+
+    let mut results = Vec::new();
+    for slide in [&dcm["id"], &svs["id"]] {
+        let id = app
+            .submit_to(&token, &serde_json::json!({"model": STAIN, "slide": slide}))
+            .await;
+        assert_eq!(app.step().await, 1);
+        let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+        assert_eq!(analysis["status"], "succeeded", "{analysis}");
+        results.push(analysis["result"].clone());
+    }
+    assert_eq!(results[0]["slide"]["reader"], "onkos-dicom");
+    assert_eq!(results[1]["slide"]["reader"], "onkos-tiff");
+    // The same pixels, grid and model: the same tiles and measurements.
+    for key in [
+        "tiles_analysed",
+        "tiles_in_grid",
+        "tissue_fraction",
+        "level_used",
+    ] {
+        assert_eq!(results[0]["slide"][key], results[1]["slide"][key], "{key}");
+    }
+    assert_eq!(results[0]["measurements"], results[1]["measurements"]);
+    let thumbnail = app
+        .get(
+            &format!("/v1/slides/{}/thumbnail", dcm["id"].as_str().unwrap()),
+            &token,
+        )
+        .await;
+    assert_eq!(thumbnail.status(), 200);
+}
+
+#[tokio::test]
+async fn dicom_files_that_are_not_readable_slides_are_refused_with_the_reason() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let send = |bytes: Vec<u8>| {
+        let app = &app;
+        let token = &token;
+        async move {
+            app.client
+                .post(format!("{}/v1/slides", app.base))
+                .bearer_auth(token)
+                .header("content-type", "application/octet-stream")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // A thumbnail instance alone is not a slide.
+    let problem = assert_problem(
+        send(std::fs::read(dicom("cmu1-thumbnail.dcm")).unwrap()).await,
+        422,
+    )
+    .await;
+    assert!(problem.to_string().contains("no VOLUME image"), "{problem}");
+    // Truncated: its frames run past the end of the file.
+    let mut truncated = std::fs::read(dicom("cmu1-level0.dcm")).unwrap();
+    truncated.truncate(truncated.len() / 2);
+    let problem = assert_problem(send(truncated).await, 422).await;
+    assert!(problem.to_string().contains("truncated"), "{problem}");
+    // A WSI without the attributes the standard requires.
+    let problem = assert_problem(
+        send(fixture("dicom-nonconformant-single-frame-set.dcm")).await,
+        422,
+    )
+    .await;
+    assert!(problem.to_string().contains("no Image Type"), "{problem}");
+    // A DICOM file of another kind (the WSI header with another SOP class) is not a slide.
+    let mut other = std::fs::read(dicom("cmu1-thumbnail.dcm")).unwrap();
+    let wsi = b"1.2.840.10008.5.1.4.1.1.77.1.6";
+    while let Some(at) = other.windows(wsi.len()).position(|w| w == wsi) {
+        other[at..at + wsi.len()].copy_from_slice(b"1.2.840.10008.5.1.4.1.1.77.1.4");
+    }
+    let problem = assert_problem(send(other).await, 415).await;
+    assert!(
+        problem.to_string().contains("not a VL Whole Slide"),
+        "{problem}"
+    );
+    assert_eq!(app.rows("slides").await, 0);
+}
