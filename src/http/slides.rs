@@ -7,6 +7,8 @@ use crate::domain::contract::FieldError;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::repo;
 use crate::repo::slides::{Key, NewSlide, SlideRecord};
+use crate::slides::archive::Contents;
+use crate::slides::openslide::OpenSlideSlide;
 use crate::slides::{Level, SNIFF_LEN, SlideError, Sniffed};
 use axum::Json;
 use axum::body::Body;
@@ -34,7 +36,7 @@ pub struct UploadParams {
 pub struct SlideView {
     pub id: Uuid,
     pub filename: Option<String>,
-    /// `aperio-svs`, `hamamatsu-ndpi`, `generic-tiff` or `dicom-wsi`.
+    /// `aperio-svs`, `hamamatsu-ndpi`, `generic-tiff`, `dicom-wsi` or `mirax`.
     pub format: String,
     pub vendor: Option<String>,
     pub size_bytes: i64,
@@ -77,14 +79,16 @@ pub(crate) struct Staged(pub(crate) PathBuf);
 impl Drop for Staged {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(crate::slides::archive::folder_of(&self.0));
     }
 }
 
 /// Upload a whole-slide image (raw bytes, `application/octet-stream`).
 ///
 /// The body is streamed to storage and hashed on the way; memory use does not grow with the file.
-/// Formats read today: Aperio SVS, Hamamatsu NDPI, generic tiled or pyramidal TIFF and DICOM WSI
-/// (one VL Whole Slide Microscopy instance). The answer is
+/// Formats read today: Aperio SVS, Hamamatsu NDPI, generic tiled or pyramidal TIFF, DICOM WSI (one
+/// VL Whole Slide Microscopy instance, or a zip of a series' instances) and, through OpenSlide,
+/// other TIFF-based vendor formats and MIRAX (a zip of the `.mrxs` file and its folder). The answer is
 /// 201 with the new slide, or 200 with the existing one when the tenant already uploaded these bytes.
 #[utoipa::path(post, path = "/v1/slides", tag = "slides", security(("bearer" = [])),
     params(UploadParams),
@@ -123,6 +127,7 @@ pub async fn upload(
     )
     .await?;
     let path = staged.0.clone();
+    let limit = state.config.slide_upload_limit_bytes;
     let info = tokio::task::spawn_blocking(move || {
         let mut head = [0_u8; SNIFF_LEN];
         let mut file = std::fs::File::open(&path)?;
@@ -132,9 +137,13 @@ pub async fn upload(
                 crate::slides::inspect(std::io::BufReader::new(std::fs::File::open(&path)?))
             }
             Sniffed::Dicom => crate::slides::dicom::inspect(std::slice::from_ref(&path)),
-            Sniffed::Zip => Err(SlideError::Unsupported(
-                "MIRAX (zip) slides are not read yet; upload the slide as SVS, NDPI or TIFF".into(),
-            )),
+            Sniffed::Zip => match crate::slides::archive::unpacked(&path, limit) {
+                Ok(Contents::Dicom(files)) => crate::slides::dicom::inspect(&files),
+                Ok(Contents::Mirax(mrxs)) => {
+                    OpenSlideSlide::open(&mrxs, 1).map(|s| s.info("mirax"))
+                }
+                Err(e) => Err(e),
+            },
             Sniffed::Unknown => Err(SlideError::Unsupported(
                 "not a slide: the bytes are neither TIFF-based (SVS, NDPI, generic TIFF) nor DICOM"
                     .into(),
@@ -160,6 +169,16 @@ pub async fn upload(
     let id = Uuid::now_v7();
     let blob_key = format!("slides/{id}");
     state.blobs.put_file(&blob_key, &staged.0).await?;
+    // An archive's extracted files go with it.
+    let unpacked = crate::slides::archive::folder_of(&staged.0);
+    if unpacked.is_dir() {
+        tokio::fs::rename(
+            &unpacked,
+            crate::slides::archive::folder_of(&state.blobs.path_of(&blob_key)),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot store the extracted archive: {e}"))?;
+    }
     let slide = NewSlide {
         id,
         tenant: &principal.tenant,

@@ -2,6 +2,7 @@
 //! (levels, tile sizes), resolution (µm per pixel) and objective from its TIFF structure.
 
 pub mod analyse;
+pub mod archive;
 pub mod bench;
 pub mod dicom;
 pub mod embeddings;

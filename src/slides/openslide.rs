@@ -376,6 +376,29 @@ impl OpenSlideSlide {
         reader.region(level as u32, x0, y0, width, height)
     }
 
+    /// What OpenSlide read from the slide, as onkos describes slides.
+    pub fn info(&self, format: &str) -> super::SlideInfo {
+        super::SlideInfo {
+            format: format.into(),
+            vendor: self.header.vendor.clone(),
+            levels: self
+                .header
+                .levels
+                .iter()
+                .map(|&(width, height, downsample)| super::Level {
+                    width,
+                    height,
+                    downsample,
+                    tile_width: None,
+                    tile_height: None,
+                })
+                .collect(),
+            mpp_x: self.header.mpp_x,
+            mpp_y: self.header.mpp_y,
+            objective: self.header.objective,
+        }
+    }
+
     /// The process ids of the reader children (for tests that end one).
     pub fn reader_pids(&self) -> Vec<u32> {
         self.readers

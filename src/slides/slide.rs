@@ -1,6 +1,7 @@
 //! An open slide, whichever reader reads it: onkos's own tile reader (the fast path) when it reads
 //! every level of the file, OpenSlide in isolated processes otherwise.
 
+use super::archive::{self, Contents};
 use super::openslide::OpenSlideSlide;
 use super::read::{Rgb, TiledSlide};
 use super::{SNIFF_LEN, SlideError, Sniffed, sniff};
@@ -47,8 +48,22 @@ impl Slide {
                 let slide = TiledSlide::open_dicom(&[path.to_path_buf()])?;
                 return Ok(Self::tiled(slide, "onkos-dicom"));
             }
-            _ => None,
+            Sniffed::Zip => match archive::unpacked(path, archive::REOPEN_LIMIT)? {
+                Contents::Dicom(files) => {
+                    return Ok(Self::tiled(TiledSlide::open_dicom(&files)?, "onkos-dicom"));
+                }
+                Contents::Mirax(mrxs) => return Self::open_with_openslide(&mrxs, processes, None),
+            },
+            Sniffed::Unknown => None,
         };
+        Self::open_with_openslide(path, processes, fast)
+    }
+
+    fn open_with_openslide(
+        path: &Path,
+        processes: usize,
+        fast: Option<String>,
+    ) -> Result<Self, SlideError> {
         let slide = OpenSlideSlide::open(path, processes).map_err(|e| match (e, &fast) {
             (SlideError::Unsupported(why), Some(fast)) => {
                 SlideError::Unsupported(format!("{fast}; {why}"))

@@ -184,3 +184,126 @@ async fn dicom_files_that_are_not_readable_slides_are_refused_with_the_reason() 
     );
     assert_eq!(app.rows("slides").await, 0);
 }
+
+/// A zip of (name, bytes) entries, deflated.
+fn zipped(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        out.start_file(*name, options).unwrap();
+        out.write_all(bytes).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+async fn post_slide(app: &TestApp, token: &str, bytes: Vec<u8>) -> reqwest::Response {
+    app.client
+        .post(format!("{}/v1/slides?filename=series.zip", app.base))
+        .bearer_auth(token)
+        .header("content-type", "application/octet-stream")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dicom_series_uploaded_as_a_zip_is_one_slide_with_its_pyramid() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let series = zipped(&[
+        (
+            "series/thumb.dcm",
+            std::fs::read(dicom("cmu1-thumbnail.dcm")).unwrap(),
+        ),
+        (
+            "series/level1.dcm",
+            std::fs::read(dicom("cmu1-level1-native.dcm")).unwrap(),
+        ),
+        (
+            "series/level0.dcm",
+            std::fs::read(dicom("cmu1-level0.dcm")).unwrap(),
+        ),
+    ]);
+    let response = post_slide(&app, &token, series).await;
+    assert_eq!(response.status(), 201);
+    let slide: Value = response.json().await.unwrap();
+    assert_eq!(slide["format"], "dicom-wsi");
+    let levels = slide["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{slide}");
+    assert_eq!(
+        (
+            levels[1]["width"].as_u64(),
+            levels[1]["downsample"].as_f64()
+        ),
+        (Some(555), Some(4.0))
+    );
+    let id = app
+        .submit_to(
+            &token,
+            &serde_json::json!({"model": STAIN, "slide": slide["id"]}),
+        )
+        .await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    assert_eq!(analysis["result"]["slide"]["reader"], "onkos-dicom");
+    let heatmap = app
+        .get(&format!("/v1/analyses/{id}/heatmap.png"), &token)
+        .await;
+    assert_eq!(heatmap.status(), 200);
+    // Nothing is left in staging.
+    let staged = std::fs::read_dir(app.config.data_dir.join("blobs/staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0);
+}
+
+#[tokio::test]
+async fn archives_that_are_not_slides_or_are_bombs_are_refused_and_nothing_is_kept() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    // 200 MB of zeros deflate to a fraction of a megabyte: far past 50x the archive.
+    let bomb = zipped(&[("level0.dcm", vec![0_u8; 200 << 20])]);
+    assert!(bomb.len() < 1 << 20);
+    let problem = assert_problem(post_slide(&app, &token, bomb).await, 422).await;
+    assert!(
+        problem.to_string().contains("expands to more than"),
+        "{problem}"
+    );
+    let escape = zipped(&[(
+        "../../outside.dcm",
+        std::fs::read(dicom("cmu1-level0.dcm")).unwrap(),
+    )]);
+    let problem = assert_problem(post_slide(&app, &token, escape).await, 422).await;
+    assert!(problem.to_string().contains("unsafe path"), "{problem}");
+    let notes = zipped(&[("notes.txt", b"not a slide".to_vec())]);
+    let problem = assert_problem(post_slide(&app, &token, notes).await, 415).await;
+    assert!(
+        problem
+            .to_string()
+            .contains("neither DICOM files nor a MIRAX"),
+        "{problem}"
+    );
+    // A MIRAX slide goes to OpenSlide, which refuses this one with its reason.
+    let mirax = zipped(&[
+        ("case.mrxs", b"[GENERAL]\nnot really".to_vec()),
+        ("case/Slidedat.ini", b"[GENERAL]\n".to_vec()),
+    ]);
+    let problem = post_slide(&app, &token, mirax).await;
+    assert!(matches!(problem.status().as_u16(), 415 | 422));
+    let problem: Value = problem.json().await.unwrap();
+    assert!(problem.to_string().contains("OpenSlide"), "{problem}");
+    let broken = b"PK\x03\x04 a truncated zip".to_vec();
+    let problem = assert_problem(post_slide(&app, &token, broken).await, 422).await;
+    assert!(problem.to_string().contains("zip"), "{problem}");
+    assert_eq!(app.rows("slides").await, 0);
+    let staging = app.config.data_dir.join("blobs/staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!app.config.data_dir.join("blobs/outside.dcm").exists());
+}
