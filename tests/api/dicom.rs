@@ -138,20 +138,7 @@ async fn a_dicom_wsi_is_uploaded_and_analysed_with_the_same_result_as_its_svs() 
 async fn dicom_files_that_are_not_readable_slides_are_refused_with_the_reason() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
-    let send = |bytes: Vec<u8>| {
-        let app = &app;
-        let token = &token;
-        async move {
-            app.client
-                .post(format!("{}/v1/slides", app.base))
-                .bearer_auth(token)
-                .header("content-type", "application/octet-stream")
-                .body(bytes)
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    let send = |bytes: Vec<u8>| post_slide(&app, &token, bytes);
     // A thumbnail instance alone is not a slide.
     let problem = assert_problem(
         send(std::fs::read(dicom("cmu1-thumbnail.dcm")).unwrap()).await,
