@@ -75,9 +75,15 @@ pub struct SlideSpec {
     /// (e.g. ImageNet's for a timm or torchvision classifier). Absent: the values as they are.
     #[serde(default)]
     pub normalise: Option<Normalise>,
+    #[serde(default)]
     pub measures: Vec<Measure>,
-    /// The measure the heatmap shows.
+    /// The measure the heatmap shows (empty for an encoder without measures).
+    #[serde(default)]
     pub heatmap: String,
+    /// An encoder's `[N, D]` per-tile output: a slide analysis then also stores the tiles'
+    /// embeddings as a bag (`result.slide.embeddings`) for MIL heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<String>,
 }
 
 /// One per-tile output of a slide model and how it is summed up over the slide.
@@ -127,6 +133,8 @@ pub enum Task {
     Survival,
     /// A measurement (slide models), not a prediction.
     Quantification,
+    /// A tile encoder (slide models): embeddings for a MIL head, no prediction of its own.
+    Embedding,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -493,8 +501,14 @@ impl Manifest {
         if !(0.0..=1.0).contains(&spec.min_tissue) {
             return Err("min_tissue is a fraction (0-1)".into());
         }
-        if spec.measures.is_empty() {
-            return Err("a slide model lists at least one measure".into());
+        if spec.measures.is_empty() && spec.embedding.is_none() {
+            return Err("a slide model lists at least one measure or an embedding output".into());
+        }
+        if (self.task == Task::Embedding) != (spec.embedding.is_some() && spec.measures.is_empty())
+        {
+            return Err(
+                "task embedding is for a tile encoder: an embedding output and no measures".into(),
+            );
         }
         let mut seen = HashSet::new();
         for m in &spec.measures {
@@ -511,8 +525,11 @@ impl Manifest {
                 _ => {}
             }
         }
-        if !seen.contains(spec.heatmap.as_str()) {
+        if !spec.measures.is_empty() && !seen.contains(spec.heatmap.as_str()) {
             return Err(format!("heatmap names no measure: {}", spec.heatmap));
+        }
+        if spec.measures.is_empty() && !spec.heatmap.is_empty() {
+            return Err("heatmap names a measure, but the model has none".into());
         }
         Ok(())
     }

@@ -30,9 +30,13 @@ pub struct SlideSummary {
     pub level_downsample: f64,
     pub tile_size: u32,
     pub tile_size_level0: f64,
-    /// The reader that read the pixels: `onkos-tiff` (onkos's own tile reader) or
-    /// `openslide-<version>` (OpenSlide, in an isolated process).
+    /// The reader that read the pixels: `onkos-tiff` or `onkos-dicom` (onkos's own tile reader)
+    /// or `openslide-<version>` (OpenSlide, in an isolated process).
     pub reader: String,
+    /// Tile encoders: the bag of the analysed tiles' embeddings (`GET /v1/embeddings/{id}`), the
+    /// input of MIL models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<uuid::Uuid>,
 }
 
 /// One slide-level measure.

@@ -37,6 +37,9 @@ pub fn init_runtime(dylib: Option<&Path>) -> anyhow::Result<Environment> {
         .map_err(|e| anyhow!(e))
 }
 
+/// An encoder's output for a batch of tiles: the width D, then one row of D values per tile.
+pub type TileEmbeddings = (usize, Vec<f32>);
+
 /// Which execution provider runs a session, as ONNX Runtime names it.
 pub type Provider = &'static str;
 pub const CPU: Provider = "CPUExecutionProvider";
@@ -163,14 +166,16 @@ impl OnnxModel {
     }
 
     /// Runs `n` square RGB tiles (`[n, 3, size, size]` float32) and returns, for each of
-    /// `outputs` (name, and column of an `[n, C]` output), one value per tile.
+    /// `outputs` (name, and column of an `[n, C]` output), one value per tile; and, when
+    /// `embedding` names an `[n, D]` output, its rows (D, then `n * D` values).
     pub fn predict_tiles(
         &self,
         pixels: &[f32],
         n: usize,
         size: usize,
         outputs: &[(String, Option<usize>)],
-    ) -> anyhow::Result<Vec<Vec<f64>>> {
+        embedding: Option<&str>,
+    ) -> anyhow::Result<(Vec<Vec<f64>>, Option<TileEmbeddings>)> {
         anyhow::ensure!(
             n > 0 && pixels.len() == n * 3 * size * size,
             "{} values are not {n} tiles of 3 x {size} x {size}",
@@ -181,7 +186,22 @@ impl OnnxModel {
             .lock()
             .map_err(|_| anyhow!("an earlier inference panicked"))?;
         let result = session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, 3, size, size], pixels))?])?;
-        outputs
+        let embeddings = match embedding {
+            None => None,
+            Some(name) => {
+                let value = result
+                    .get(name)
+                    .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
+                let (shape, rows) = value.try_extract_tensor::<f32>()?;
+                let dim = usize::try_from(shape.iter().skip(1).product::<i64>()).unwrap_or(0);
+                anyhow::ensure!(
+                    shape.first() == Some(&(n as i64)) && dim > 0 && rows.len() == n * dim,
+                    "output {name} has shape {shape:?}, not [{n}, D]"
+                );
+                Some((dim, rows.to_vec()))
+            }
+        };
+        let values = outputs
             .iter()
             .map(|(name, column)| {
                 let value = result
@@ -206,7 +226,8 @@ impl OnnxModel {
                 );
                 Ok(per_tile)
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((values, embeddings))
     }
 
     /// Runs one bag of `n` embeddings (`[n, width]` float32, row-major) through a MIL head: the

@@ -336,13 +336,31 @@ impl Worker {
                     .block_on(repo::jobs::progress(&pool, &claimed, worker, done, total))
                     .unwrap_or(true)
             };
-            let analysed = analyse(&path, &plan, &mut progress)?;
-            Ok(slide_result(&loaded, slide_id, mpp, &source, analysed))
+            let mut analysed = analyse(&path, &plan, &mut progress)?;
+            let bag = match analysed.embeddings.take() {
+                Some((dim, values)) => Some(
+                    bag_file(&loaded, spec, dim, &values, &analysed.tiles)
+                        .map_err(Stopped::Refused)?,
+                ),
+                None => None,
+            };
+            let (result, tiles) = slide_result(&loaded, slide_id, mpp, &source, analysed);
+            Ok((result, tiles, bag))
         })
         .await;
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         match run {
-            Ok(Ok((mut result, tiles))) => {
+            Ok(Ok((mut result, tiles, bag))) => {
+                if let Some(bag) = bag {
+                    match self.keep_bag(job, &tenant, bag).await {
+                        Ok(id) => result.slide.embeddings = Some(id),
+                        Err(e) => {
+                            return Attempt::Transient(format!(
+                                "the tile embeddings cannot be stored: {e}"
+                            ));
+                        }
+                    }
+                }
                 let analysed = result.slide.tiles_analysed;
                 result.stages.total_ms = total_ms;
                 result.stages.tiles_per_second = analysed as f64 / (total_ms / 1e3).max(1e-9);
@@ -374,6 +392,53 @@ impl Worker {
                 Attempt::Transient("the slide analysis stopped unexpectedly on the worker".into())
             }
         }
+    }
+
+    /// Stores an encoder's bag of tile embeddings (once per content per tenant); its id.
+    async fn keep_bag(
+        &self,
+        job: &ClaimedJob,
+        tenant: &TenantId,
+        bag: EncodedBag,
+    ) -> anyhow::Result<Uuid> {
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bag.bytes));
+        let key = repo::embeddings::Key::Digest(&sha256);
+        if let Some(found) = repo::embeddings::find(&self.pool, tenant, key).await? {
+            return Ok(found.id);
+        }
+        let id = Uuid::now_v7();
+        let blob_key = format!("embeddings/{id}");
+        let size = i64::try_from(bag.bytes.len())?;
+        self.registry
+            .blobs()
+            .put(&blob_key, bytes::Bytes::from(bag.bytes))
+            .await?;
+        let uploaded_by = format!("analysis {}", job.analysis_id);
+        let record = repo::embeddings::NewEmbeddings {
+            id,
+            tenant,
+            uploaded_by: &uploaded_by,
+            filename: None,
+            sha256: &sha256,
+            size_bytes: size,
+            tiles: i32::try_from(bag.tiles)?,
+            dim: i32::try_from(bag.dim)?,
+            has_coords: true,
+            metadata: &bag.metadata,
+            blob_key: &blob_key,
+        };
+        let mut tx = self.pool.begin().await?;
+        let inserted = repo::embeddings::insert(&mut tx, &record).await?;
+        tx.commit().await?;
+        if inserted {
+            return Ok(id);
+        }
+        // Another worker stored the same bag meanwhile.
+        self.registry.blobs().delete(&blob_key).await?;
+        repo::embeddings::find(&self.pool, tenant, key)
+            .await?
+            .map(|found| found.id)
+            .ok_or_else(|| anyhow::anyhow!("embeddings {sha256} vanished"))
     }
 
     /// One MIL analysis: the bag of tile embeddings through the model's head, off the async
@@ -607,6 +672,7 @@ fn slide_result(
             tile_size: spec.map_or(0, |s| s.tile_size),
             tile_size_level0: a.tiles.tile_size_level0,
             reader: a.reader.clone(),
+            embeddings: None,
         },
         measurements,
         stages: SlideStages {
@@ -630,6 +696,47 @@ struct Timings {
     batch_size: usize,
     /// `queue` (claimed by a worker) or `inline` (run while its submitter waited).
     dispatch: &'static str,
+}
+
+/// An encoder's tile embeddings, written as a safetensors bag.
+struct EncodedBag {
+    bytes: Vec<u8>,
+    tiles: usize,
+    dim: usize,
+    metadata: Value,
+}
+
+fn bag_file(
+    model: &LoadedModel,
+    spec: &crate::domain::contract::SlideSpec,
+    dim: usize,
+    values: &[f32],
+    tiles: &TileScores,
+) -> Result<EncodedBag, String> {
+    let m = &model.manifest;
+    let metadata = std::collections::BTreeMap::from([
+        ("encoder".to_owned(), format!("{} {}", m.name, m.version)),
+        ("encoder_sha256".to_owned(), m.onnx.sha256.clone()),
+        ("mpp".to_owned(), spec.mpp.to_string()),
+        ("tile_size".to_owned(), spec.tile_size.to_string()),
+        (
+            "tile_size_level0".to_owned(),
+            tiles.tile_size_level0.to_string(),
+        ),
+    ]);
+    let bytes = crate::slides::embeddings::to_safetensors(
+        dim,
+        values,
+        &tiles.xs,
+        &tiles.ys,
+        metadata.clone(),
+    )?;
+    Ok(EncodedBag {
+        bytes,
+        tiles: tiles.xs.len(),
+        dim,
+        metadata: serde_json::to_value(metadata).map_err(|e| e.to_string())?,
+    })
 }
 
 /// Reads a bag of tile embeddings, runs the MIL head and builds the classification result with

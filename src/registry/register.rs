@@ -48,6 +48,7 @@ pub(super) fn row_for(
             Task::Classification => "classification".into(),
             Task::Survival => "survival".into(),
             Task::Quantification => "quantification".into(),
+            Task::Embedding => "embedding".into(),
         },
         title: manifest.title.clone(),
         manifest: serde_json::to_value(manifest).unwrap_or_default(),
@@ -73,11 +74,14 @@ pub(super) fn smoke_test(manifest: &Manifest, onnx: &OnnxModel) -> anyhow::Resul
         // One blank (white) tile: every output must give one finite value for it.
         let size = spec.tile_size as usize;
         let white = vec![255.0_f32; 3 * size * size];
-        let values = onnx.predict_tiles(&white, 1, size, &wanted).map_err(|e| {
-            anyhow::anyhow!("the model does not run on a {size} x {size} probe tile: {e:#}")
-        })?;
+        let (values, embedding) = onnx
+            .predict_tiles(&white, 1, size, &wanted, spec.embedding.as_deref())
+            .map_err(|e| {
+                anyhow::anyhow!("the model does not run on a {size} x {size} probe tile: {e:#}")
+            })?;
         anyhow::ensure!(
-            values.iter().flatten().all(|v| v.is_finite()),
+            values.iter().flatten().all(|v| v.is_finite())
+                && embedding.iter().flat_map(|e| &e.1).all(|v| v.is_finite()),
             "the model gives non-finite values for a blank tile"
         );
         return Ok(());

@@ -6,7 +6,7 @@ use super::SlideError;
 use super::read::Rgb;
 use super::slide::{LevelSize, Slide};
 use crate::domain::contract::{Aggregation, Normalise, SlideSpec};
-use crate::inference::OnnxModel;
+use crate::inference::{OnnxModel, TileEmbeddings};
 use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::Path;
@@ -45,6 +45,8 @@ pub struct TileScores {
 pub struct Analysed {
     /// Which reader read the slide (`onkos-tiff`, `openslide-3.4.1`, …).
     pub reader: String,
+    /// An encoder's tile embeddings: D, then one row of D values per analysed tile.
+    pub embeddings: Option<TileEmbeddings>,
     pub tissue_fraction: f64,
     pub tiles_in_grid: usize,
     pub level: usize,
@@ -176,6 +178,7 @@ pub fn analyse(
     };
     let mut read_decode_ms = 0.0;
     let mut infer_ms = 0.0;
+    let mut embeddings: Option<TileEmbeddings> = None;
     let batches: Vec<&[(u32, u32)]> = grid.chunks(plan.batch.max(1)).collect();
     std::thread::scope(|scope| -> Result<(), Stopped> {
         // Decoding runs one batch ahead of inference: two batches in flight at most.
@@ -211,10 +214,25 @@ pub fn analyse(
                 .map_err(|_| Stopped::Refused("the tile reader stopped".into()))??;
             read_decode_ms += decode_ms;
             let started = Instant::now();
-            let values = plan
+            let (values, rows) = plan
                 .onnx
-                .predict_tiles(&pixels, batch.len(), size, &outputs)
+                .predict_tiles(
+                    &pixels,
+                    batch.len(),
+                    size,
+                    &outputs,
+                    spec.embedding.as_deref(),
+                )
                 .map_err(|e| Stopped::Inference(format!("{e:#}")))?;
+            if let Some((dim, rows)) = rows {
+                let (width, all) = embeddings.get_or_insert_with(|| (dim, Vec::new()));
+                if *width != dim {
+                    return Err(Stopped::Inference(format!(
+                        "the embedding width changed from {width} to {dim} between batches"
+                    )));
+                }
+                all.extend_from_slice(&rows);
+            }
             infer_ms += ms(started);
             for (i, &(c, r)) in batch.iter().enumerate() {
                 tiles.xs.push((f64::from(c) * tile0).round() as i32);
@@ -261,6 +279,7 @@ pub fn analyse(
     times.aggregate = ms(started);
     Ok(Analysed {
         reader: slide.reader(),
+        embeddings,
         tissue_fraction: mask.tissue_pixels as f64 / mask.cells() as f64,
         tiles_in_grid: (cols * rows) as usize,
         level,

@@ -136,6 +136,77 @@ pub fn parse(bytes: &[u8]) -> Result<Bag, String> {
     })
 }
 
+/// A bag as a safetensors file: `embeddings` `[N, D]` float32 and `coords` `[N, 2]` int32
+/// (level-0 corners), with string metadata.
+pub fn to_safetensors(
+    dim: usize,
+    values: &[f32],
+    xs: &[i32],
+    ys: &[i32],
+    metadata: BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let tiles = xs.len();
+    if dim == 0 || values.len() != tiles * dim || ys.len() != tiles {
+        return Err(format!(
+            "{} values and {tiles} positions are not a bag of {dim}-wide embeddings",
+            values.len()
+        ));
+    }
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let coords: Vec<u8> = xs
+        .iter()
+        .zip(ys)
+        .flat_map(|(x, y)| [x.to_le_bytes(), y.to_le_bytes()])
+        .flatten()
+        .collect();
+    let view = |dtype, shape, bytes| {
+        safetensors::tensor::TensorView::new(dtype, shape, bytes).map_err(|e| e.to_string())
+    };
+    let tensors = vec![
+        (
+            "embeddings".to_owned(),
+            view(Dtype::F32, vec![tiles, dim], &data)?,
+        ),
+        (
+            "coords".to_owned(),
+            view(Dtype::I32, vec![tiles, 2], &coords)?,
+        ),
+    ];
+    let raw = safetensors::serialize(tensors, Some(metadata.into_iter().collect()))
+        .map_err(|e| e.to_string())?;
+    canonical(&raw)
+}
+
+/// The same file with its header's keys in sorted order: safetensors writes the metadata in hash
+/// order, which differs between runs, and the same bag must be the same bytes (one digest).
+fn canonical(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let broken = || "the safetensors header cannot be rewritten".to_owned();
+    let prefix: [u8; 8] = raw
+        .get(..8)
+        .ok_or_else(broken)?
+        .try_into()
+        .map_err(|_| broken())?;
+    let n = usize::try_from(u64::from_le_bytes(prefix)).map_err(|_| broken())?;
+    let json = raw.get(8..8 + n).ok_or_else(broken)?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if let Some(serde_json::Value::Object(metadata)) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            std::mem::take(metadata).into_iter().collect();
+        *metadata = sorted.into_iter().collect();
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data starts 8-byte aligned, as safetensors writes it.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + raw.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&raw[8 + n..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -185,6 +256,26 @@ mod tests {
         assert_eq!(bag.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(bag.coords, Some(vec![[0.0, 0.0], [256.0, 512.0]]));
         assert_eq!(bag.metadata["encoder"], "test");
+        // What onkos writes for an encoder's tiles reads back the same.
+        let written = to_safetensors(
+            3,
+            &bag.values,
+            &[0, 256],
+            &[0, 512],
+            BTreeMap::from([("encoder".to_owned(), "test".to_owned())]),
+        )
+        .unwrap();
+        assert_eq!(parse(&written).unwrap(), bag);
+        // Whatever order the metadata comes in, the same bag is the same bytes.
+        let many = |order: &[usize]| {
+            let keys = ["a", "b", "c", "d", "e", "f"];
+            let metadata = order
+                .iter()
+                .map(|&i| (keys[i].to_owned(), i.to_string()))
+                .collect();
+            to_safetensors(3, &bag.values, &[0, 256], &[0, 512], metadata).unwrap()
+        };
+        assert_eq!(many(&[0, 1, 2, 3, 4, 5]), many(&[5, 3, 1, 0, 2, 4]));
 
         let refused = |bytes: Vec<u8>, words: &str| {
             let e = parse(&bytes).unwrap_err();

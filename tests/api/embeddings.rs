@@ -315,3 +315,79 @@ async fn a_mil_head_whose_manifest_misstates_its_width_is_refused_at_registratio
         .unwrap();
     assert_eq!(registered, 0);
 }
+
+#[tokio::test]
+async fn a_tile_encoder_stores_a_slides_embeddings_as_a_bag_that_a_mil_head_classifies() {
+    let app = TestApp::spawn().await;
+    app.register_fixture("oslo", "tiny-tile-encoder", "oslo-tile-encoder", "0.1.0")
+        .await;
+    app.register_fixture("oslo", "tiny-abmil", MIL, "0.1.0")
+        .await;
+    let token = app.token("oslo", "submitter");
+    let slide = crate::slides::uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let encode = serde_json::json!({"model": "oslo-tile-encoder", "slide": slide});
+    let id = app.submit_to(&token, &encode).await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    let summary = &analysis["result"]["slide"];
+    let tiles = summary["tiles_analysed"].as_u64().unwrap();
+    assert!(tiles > 10, "{summary}");
+    assert_eq!(analysis["result"]["measurements"], serde_json::json!([]));
+    // An encoder has no heatmap, and says so.
+    let heatmap = app
+        .get(&format!("/v1/analyses/{id}/heatmap.png"), &token)
+        .await;
+    let problem = assert_problem(heatmap, 422).await;
+    assert!(problem.to_string().contains("no heatmap"), "{problem}");
+
+    // The tiles' embeddings, one row per analysed tile, with each tile's level-0 corner.
+    let bag_id = summary["embeddings"].as_str().unwrap().to_owned();
+    let bag = app
+        .get_json(&format!("/v1/embeddings/{bag_id}"), &token)
+        .await;
+    assert_eq!(
+        (bag["tiles"].as_u64(), bag["dim"].as_u64()),
+        (Some(tiles), Some(16))
+    );
+    assert_eq!(bag["has_coords"], true);
+    assert_eq!(bag["metadata"]["encoder"], "oslo-tile-encoder 0.1.0");
+    // The same slide encoded again gives the same bag, stored once.
+    let again = app.submit_to(&token, &encode).await;
+    assert_eq!(app.step().await, 1);
+    let again = app.get_json(&format!("/v1/analyses/{again}"), &token).await;
+    assert_eq!(again["result"]["slide"]["embeddings"], bag_id.as_str());
+    assert_eq!(app.rows("embeddings").await, 1);
+
+    // The MIL head classifies the bag; the tiles it attends to are grid tiles of the slide.
+    let classify = serde_json::json!({"model": MIL, "embeddings": bag_id});
+    let mil = app.submit_to(&token, &classify).await;
+    assert_eq!(app.step().await, 1);
+    let mil = app.get_json(&format!("/v1/analyses/{mil}"), &token).await;
+    assert_eq!(mil["status"], "succeeded", "{mil}");
+    let geo = app
+        .get_json(&format!("/v1/analyses/{id}/tiles.geojson"), &token)
+        .await;
+    let corners: Vec<(f64, f64)> = geo["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let c = &f["geometry"]["coordinates"][0][0];
+            (c[0].as_f64().unwrap(), c[1].as_f64().unwrap())
+        })
+        .collect();
+    let attended = mil["result"]["bag"]["attention"].as_array().unwrap();
+    assert_eq!(attended.len(), 8);
+    for tile in attended {
+        let at = (tile["x"].as_f64().unwrap(), tile["y"].as_f64().unwrap());
+        assert!(corners.contains(&at), "{at:?} is not a tile of the slide");
+    }
+    let p: f64 = mil["result"]["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["probability"].as_f64().unwrap())
+        .sum();
+    assert!((p - 1.0).abs() < 1e-5);
+}

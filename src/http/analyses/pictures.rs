@@ -4,6 +4,7 @@
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::Status;
+use crate::domain::contract::FieldError;
 use crate::domain::ids::AnalysisId;
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::repo;
@@ -91,6 +92,16 @@ pub async fn heatmap(
         .as_ref()
         .map(|s| s.heatmap.clone())
         .ok_or(ApiError::NotFound)?;
+    if measure.is_empty() {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "model",
+            "no_heatmap",
+            format!(
+                "{} measures nothing per tile (a tile encoder): there is no heatmap",
+                record.model_name
+            ),
+        )]));
+    }
     let column = tiles
         .measures
         .iter()
@@ -177,8 +188,10 @@ pub async fn geojson(
         .iter()
         .zip(&tiles.ys)
         .zip(&tiles.tissue)
-        .zip(tiles.scores.chunks(stride))
-        .map(|(((&x, &y), &tissue), row)| {
+        .enumerate()
+        .map(|(i, ((&x, &y), &tissue))| {
+            // A tile encoder measures nothing per tile: its rows are empty.
+            let row = tiles.scores.get(i * stride..(i + 1) * stride).unwrap_or(&[]);
             let (x, y) = (f64::from(x), f64::from(y));
             let mut measurements = Map::new();
             if has_tissue {
