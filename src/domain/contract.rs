@@ -55,6 +55,10 @@ pub struct MilSpec {
     /// The output with one attention weight per tile, when the head has one.
     #[serde(default)]
     pub attention: Option<String>,
+    /// A registered tile encoder (a slide model with an `embedding` output of this width): with
+    /// it, the model also takes a slide, encodes it and classifies the bag in one analysis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_model: Option<String>,
 }
 
 /// How a slide model sees a slide: square RGB tiles of `tile_size` pixels at `mpp` µm per pixel,

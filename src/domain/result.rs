@@ -142,7 +142,12 @@ pub struct ClassificationResult {
     pub out_of_training_range: Vec<RangeFlag>,
     /// MIL models: the bag of tile embeddings that was classified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bag: Option<BagSummary>,
+    pub bag: Option<Box<BagSummary>>,
+    /// MIL models run on a slide: what the encoder looked at, and where the time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide: Option<Box<SlideSummary>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Box<SlideStages>>,
     /// What the model may be used for; no result claims more than its card.
     pub intended_use: String,
 }
@@ -291,6 +296,8 @@ pub fn build(
             explanation,
             out_of_training_range: flags,
             bag: None,
+            slide: None,
+            stages: None,
             intended_use,
         }));
     }

@@ -444,11 +444,74 @@ impl Worker {
     /// One MIL analysis: the bag of tile embeddings through the model's head, off the async
     /// threads.
     async fn run_bag(&self, model: &Arc<LoadedModel>, job: &ClaimedJob) -> Attempt {
+        if let Some(encoder) = job.input.get("encoder") {
+            return self.run_bag_of_slide(model, job, encoder).await;
+        }
         let id = job
             .input
             .get("embeddings")
             .and_then(Value::as_str)
             .and_then(|s| Uuid::parse_str(s).ok());
+        self.classify_bag(model, job, id).await
+    }
+
+    /// A MIL analysis of a slide: the model's encoder over the slide (a slide analysis that stores
+    /// the tiles' embeddings), then the head over that bag. The result is the head's, with the
+    /// slide's summary and stages; the tiles carry the attention.
+    async fn run_bag_of_slide(
+        &self,
+        model: &Arc<LoadedModel>,
+        job: &ClaimedJob,
+        encoder: &Value,
+    ) -> Attempt {
+        let (Some(name), Some(version)) = (encoder["name"].as_str(), encoder["version"].as_str())
+        else {
+            return Attempt::Permanent("the stored input names no encoder".into());
+        };
+        let encoder = match self.registry.version(name, version).await {
+            Ok(encoder) => encoder,
+            Err(e) => {
+                tracing::error!(error = ?e, model = name, version, "encoder cannot be loaded");
+                return Attempt::Transient(format!(
+                    "encoder {name} {version} could not be loaded on the worker"
+                ));
+            }
+        };
+        let encoded = self.run_slide(&encoder, job).await;
+        let Attempt::Done { result: slide, .. } = encoded else {
+            return encoded;
+        };
+        let bag = slide["slide"]["embeddings"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok());
+        if bag.is_none() {
+            return Attempt::Permanent(format!("encoder {name} {version} gave no embeddings"));
+        }
+        match self.classify_bag(model, job, bag).await {
+            Attempt::Done {
+                mut result,
+                timings,
+                tiles,
+            } => {
+                result["slide"] = slide["slide"].clone();
+                result["stages"] = slide["stages"].clone();
+                Attempt::Done {
+                    result,
+                    timings,
+                    tiles,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A stored bag of tile embeddings through the model's head.
+    async fn classify_bag(
+        &self,
+        model: &Arc<LoadedModel>,
+        job: &ClaimedJob,
+        id: Option<Uuid>,
+    ) -> Attempt {
         let (Some(id), Ok(tenant)) = (id, TenantId::parse(&job.tenant_id)) else {
             return Attempt::Permanent("the stored input names no embeddings".into());
         };
@@ -781,14 +844,16 @@ fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f6
         Ok(_) => return Attempt::Permanent("a MIL model gives a classification".into()),
         Err(why) => return Attempt::Permanent(why),
     };
-    let mut ranked: Vec<(usize, f64)> = attention
-        .unwrap_or_default()
-        .into_iter()
+    let weights = attention;
+    let mut ranked: Vec<(usize, f64)> = weights
+        .iter()
+        .flatten()
+        .copied()
         .enumerate()
         .filter(|(_, w)| w.is_finite())
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    result.bag = Some(BagSummary {
+    result.bag = Some(Box::new(BagSummary {
         embeddings: id,
         tiles: bag.tiles,
         dim: bag.dim,
@@ -808,17 +873,38 @@ fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f6
                 }
             })
             .collect(),
-    });
+    }));
+    // A bag onkos encoded knows its tiles' size: the attention becomes a per-tile score that the
+    // heatmap and tiles.geojson show.
+    let side = bag
+        .metadata
+        .get("tile_size_level0")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let tiles = match (side, &bag.coords, &weights) {
+        (Some(side), Some(coords), Some(weights)) => Some(Box::new(TileScores {
+            tile_size_level0: side,
+            xs: coords.iter().map(|c| c[0].round() as i32).collect(),
+            ys: coords.iter().map(|c| c[1].round() as i32).collect(),
+            tissue: vec![1.0; bag.tiles],
+            measures: vec![ATTENTION.into()],
+            scores: weights.iter().map(|&w| w as f32).collect(),
+        })),
+        _ => None,
+    };
     match serde_json::to_value(&result) {
         Ok(result) => Attempt::Done {
             result,
             timings: json!({ "queue_wait_ms": wait_ms, "infer_ms": infer_ms,
                              "batch_size": bag.tiles, "dispatch": "queue" }),
-            tiles: None,
+            tiles,
         },
         Err(e) => Attempt::Permanent(format!("the result cannot be written: {e}")),
     }
 }
+
+/// The per-tile measure of a MIL analysis: the head's attention weight.
+pub const ATTENTION: &str = "attention";
 
 /// The stored result and timings of one analysis.
 fn result_document(

@@ -250,7 +250,7 @@ async fn mil_analyses_are_refused_when_the_bag_does_not_fit_the_model() {
     refused(serde_json::json!({"model": MIL}), "embeddings is required").await;
     refused(
         serde_json::json!({"model": MIL, "embeddings": narrow, "slide": narrow}),
-        "not a field of an embeddings analysis",
+        "names no encoder",
     )
     .await;
     refused(
@@ -390,4 +390,80 @@ async fn a_tile_encoder_stores_a_slides_embeddings_as_a_bag_that_a_mil_head_clas
         .map(|p| p["probability"].as_f64().unwrap())
         .sum();
     assert!((p - 1.0).abs() < 1e-5);
+}
+
+#[tokio::test]
+async fn a_mil_model_with_an_encoder_classifies_a_slide_in_one_analysis_with_an_attention_heatmap()
+{
+    let app = TestApp::spawn().await;
+    app.register_fixture("oslo", "tiny-tile-encoder", "oslo-tile-encoder", "0.1.0")
+        .await;
+    let mut manifest: Value = serde_json::from_slice(&fixture("manifest.json")).unwrap();
+    manifest["name"] = "oslo-abmil-slide".into();
+    manifest["mil"]["encoder_model"] = "oslo-tile-encoder".into();
+    app.register_with("oslo", "tiny-abmil", &manifest, "oslo-abmil-slide", "0.1.0")
+        .await;
+    // The same head without an encoder takes embeddings only.
+    app.register_fixture("oslo", "tiny-abmil", MIL, "0.1.0")
+        .await;
+    let token = app.token("oslo", "submitter");
+    let slide = crate::slides::uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+
+    let body = serde_json::json!({"model": "oslo-abmil-slide", "slide": slide, "subject": "ACC-9"});
+    let id = app.submit_to(&token, &body).await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    let result = &analysis["result"];
+    assert_eq!(result["schema"], "onkos.result.classification/1");
+    assert_eq!(analysis["model"]["name"], "oslo-abmil-slide");
+    // What the encoder looked at, and the bag it made, which the head classified.
+    let tiles = result["slide"]["tiles_analysed"].as_u64().unwrap();
+    assert!(tiles > 10, "{result}");
+    assert_eq!(result["bag"]["tiles"].as_u64(), Some(tiles));
+    assert_eq!(result["bag"]["embeddings"], result["slide"]["embeddings"]);
+    assert!(result["stages"]["read_decode_ms"].as_f64().unwrap() > 0.0);
+    // The same bag through the head alone gives the same answer.
+    let alone = serde_json::json!({"model": MIL, "embeddings": result["bag"]["embeddings"]});
+    let alone = app.submit_to(&token, &alone).await;
+    assert_eq!(app.step().await, 1);
+    let alone = app.get_json(&format!("/v1/analyses/{alone}"), &token).await;
+    assert_eq!(alone["result"]["predictions"], result["predictions"]);
+    assert_eq!(
+        alone["result"]["bag"]["attention"],
+        result["bag"]["attention"]
+    );
+    // The attention over the slide: one score per tile, as a heatmap and as GeoJSON.
+    let heat = app
+        .get(&format!("/v1/analyses/{id}/heatmap.png"), &token)
+        .await;
+    assert_eq!(heat.status(), 200);
+    assert_eq!(heat.headers()["x-onkos-heatmap-measure"], "attention");
+    let geo = app
+        .get_json(&format!("/v1/analyses/{id}/tiles.geojson"), &token)
+        .await;
+    let features = geo["features"].as_array().unwrap();
+    assert_eq!(features.len() as u64, tiles);
+    let total: f64 = features
+        .iter()
+        .map(|f| {
+            f["properties"]["measurements"]["attention"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum();
+    assert!((total - 1.0).abs() < 1e-4, "attention sums to {total}");
+    // The head alone has no encoder: a slide is refused with the reason.
+    let refused = app
+        .post_json(
+            "/v1/analyses",
+            &token,
+            &serde_json::json!({"model": MIL, "slide": slide}),
+        )
+        .await;
+    let problem = assert_problem(refused, 422).await;
+    assert!(
+        problem.to_string().contains("names no encoder"),
+        "{problem}"
+    );
 }

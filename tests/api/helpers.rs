@@ -221,6 +221,21 @@ impl TestApp {
     /// Registers a test-fixture model (`tests/fixtures/models/<folder>`: manifest.json and
     /// model.onnx) in `tenant` through the API, and activates it.
     pub async fn register_fixture(&self, tenant: &str, folder: &str, name: &str, version: &str) {
+        let dir = repo_path(&format!("tests/fixtures/models/{folder}"));
+        let manifest = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap());
+        self.register_with(tenant, folder, &manifest.unwrap(), name, version)
+            .await;
+    }
+
+    /// Registers and activates a test-fixture model's ONNX file under another manifest.
+    pub async fn register_with(
+        &self,
+        tenant: &str,
+        folder: &str,
+        manifest: &Value,
+        name: &str,
+        version: &str,
+    ) {
         use reqwest::multipart::{Form, Part};
         let admin = self.token(tenant, "admin");
         let dir = repo_path(&format!("tests/fixtures/models/{folder}"));
@@ -228,7 +243,10 @@ impl TestApp {
             Part::bytes(std::fs::read(dir.join(name)).unwrap()).file_name(name.to_owned())
         };
         let form = Form::new()
-            .part("manifest", file("manifest.json"))
+            .part(
+                "manifest",
+                Part::bytes(serde_json::to_vec(manifest).unwrap()).file_name("manifest.json"),
+            )
             .part("onnx", file("model.onnx"))
             .text("card", "# Test fixture\nRandom weights; not a model.");
         let registered = self

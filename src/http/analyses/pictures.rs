@@ -86,12 +86,12 @@ pub async fn heatmap(
         .registry
         .version(&record.model_name, &record.model_version)
         .await?;
-    let measure = model
-        .manifest
-        .slide
-        .as_ref()
-        .map(|s| s.heatmap.clone())
-        .ok_or(ApiError::NotFound)?;
+    // A MIL model's tiles carry the head's attention.
+    let measure = match (&model.manifest.slide, &model.manifest.mil) {
+        (Some(s), _) => s.heatmap.clone(),
+        (None, Some(_)) => crate::jobs::worker::ATTENTION.to_owned(),
+        (None, None) => return Err(ApiError::NotFound),
+    };
     if measure.is_empty() {
         return Err(ApiError::Validation(vec![FieldError::new(
             "model",
@@ -112,7 +112,13 @@ pub async fn heatmap(
         .as_ref()
         .and_then(|r| r["slide"]["id"].as_str())
         .and_then(|s| Uuid::parse_str(s).ok())
-        .ok_or_else(|| anyhow::anyhow!("the stored result names no slide"))?;
+        .ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "analysis",
+                "no_slide",
+                "the analysis classified uploaded tile embeddings: there is no slide to paint on",
+            )])
+        })?;
     let slide = repo::slides::find(&state.pool, &principal.tenant, Key::Id(slide_id))
         .await?
         .ok_or(ApiError::NotFound)?;
@@ -191,7 +197,10 @@ pub async fn geojson(
         .enumerate()
         .map(|(i, ((&x, &y), &tissue))| {
             // A tile encoder measures nothing per tile: its rows are empty.
-            let row = tiles.scores.get(i * stride..(i + 1) * stride).unwrap_or(&[]);
+            let row = tiles
+                .scores
+                .get(i * stride..(i + 1) * stride)
+                .unwrap_or(&[]);
             let (x, y) = (f64::from(x), f64::from(y));
             let mut measurements = Map::new();
             if has_tissue {

@@ -139,6 +139,9 @@ pub async fn create(
                 Some(Ok(model)) if model.manifest.slide.is_some() => {
                     prepare_slide(&state, &principal, &body, model).await?
                 }
+                Some(Ok(model)) if model.manifest.mil.is_some() && body.contains_key("slide") => {
+                    prepare_bag_of_slide(&state, &principal, &body, model).await?
+                }
                 Some(Ok(model)) if model.manifest.mil.is_some() => {
                     prepare_bag(&state, &principal, &body, model).await?
                 }
@@ -557,6 +560,64 @@ fn one_analysis(
         }],
         row: None,
     }
+}
+
+/// `{"model", "slide", "mpp"?, "subject"?, "priority"?}` for a MIL model with an encoder: the
+/// slide is checked against the encoder (it cuts the tiles), and the analysis, recorded under the
+/// MIL model, names the encoder version that will run.
+async fn prepare_bag_of_slide(
+    state: &AppState,
+    principal: &Principal,
+    body: &Map<String, Value>,
+    model: Arc<LoadedModel>,
+) -> ApiResult<Prepared> {
+    let refuse = |rule: &'static str, message: String| {
+        ApiError::Validation(vec![FieldError::new("model", rule, message)])
+    };
+    let name = &model.manifest.name;
+    let Some(encoder) = model
+        .manifest
+        .mil
+        .as_ref()
+        .and_then(|m| m.encoder_model.clone())
+    else {
+        return Err(refuse(
+            "no_encoder",
+            format!(
+                "{name} takes tile embeddings and names no encoder to make them from a slide: send {{\"model\", \"embeddings\": <embeddings id>}}"
+            ),
+        ));
+    };
+    let encoder = match find_model(state, principal, &encoder).await? {
+        Ok(found)
+            if found
+                .manifest
+                .slide
+                .as_ref()
+                .is_some_and(|s| s.embedding.is_some()) =>
+        {
+            found
+        }
+        _ => {
+            return Err(refuse(
+                "no_encoder",
+                format!(
+                    "{name} needs the tile encoder {encoder}, which is not an active slide encoder here"
+                ),
+            ));
+        }
+    };
+    let mut prepared = prepare_slide(state, principal, body, Arc::clone(&encoder)).await?;
+    let m = &encoder.manifest;
+    for analysis in &mut prepared.analyses {
+        analysis.input["encoder"] = json!({"name": m.name, "version": m.version});
+        analysis.input_sha256 = hex::encode(Sha256::digest(format!(
+            "{}:encoder:{}@{}",
+            analysis.input_sha256, m.name, m.onnx.sha256
+        )));
+    }
+    prepared.model = model;
+    Ok(prepared)
 }
 
 /// `{"model", "embeddings", "subject"?, "priority"?}` for a MIL model: the bag must be the
