@@ -84,6 +84,9 @@ pub struct SlideSpec {
     /// The measure the heatmap shows (empty for an encoder without measures).
     #[serde(default)]
     pub heatmap: String,
+    /// Stain normalisation (Macenko) of every tile to the target stains, before `normalise`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stain_normalise: Option<crate::slides::stain::StainSpec>,
     /// An encoder's `[N, D]` per-tile output: a slide analysis then also stores the tiles'
     /// embeddings as a bag (`result.slide.embeddings`) for MIL heads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,6 +495,23 @@ impl Manifest {
         }
         if !self.inputs.is_empty() || !self.encoding.is_empty() {
             return Err("a slide model takes tiles, not listed inputs".into());
+        }
+        if let Some(stain) = &spec.stain_normalise {
+            if stain.method != "macenko" {
+                return Err(format!(
+                    "stain_normalise method {:?} is not macenko",
+                    stain.method
+                ));
+            }
+            let vectors_ok = stain.target_stains.iter().all(|v| {
+                v.iter().all(|c| c.is_finite() && *c >= 0.0) && v.iter().any(|c| *c > 0.0)
+            });
+            if !vectors_ok || stain.target_max.iter().any(|m| !m.is_finite() || *m <= 0.0) {
+                return Err(
+                    "stain_normalise needs non-negative target stains and positive target maxima"
+                        .into(),
+                );
+            }
         }
         if !(16..=4096).contains(&spec.tile_size) {
             return Err(format!(

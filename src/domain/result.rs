@@ -33,6 +33,10 @@ pub struct SlideSummary {
     /// The reader that read the pixels: `onkos-tiff` or `onkos-dicom` (onkos's own tile reader)
     /// or `openslide-<version>` (OpenSlide, in an isolated process).
     pub reader: String,
+    /// Models that stain-normalise: the slide's own stains as estimated from its tissue, which
+    /// every tile was re-rendered from into the model's target stains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stain_normalisation: Option<crate::slides::stain::Estimate>,
     /// Tile encoders: the bag of the analysed tiles' embeddings (`GET /v1/embeddings/{id}`), the
     /// input of MIL models.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -735,6 +735,7 @@ fn slide_result(
             tile_size: spec.map_or(0, |s| s.tile_size),
             tile_size_level0: a.tiles.tile_size_level0,
             reader: a.reader.clone(),
+            stain_normalisation: a.stain.clone(),
             embeddings: None,
         },
         measurements,

@@ -5,6 +5,7 @@
 use super::SlideError;
 use super::read::Rgb;
 use super::slide::{LevelSize, Slide};
+use super::stain::{Estimate, Normaliser};
 use crate::domain::contract::{Aggregation, Normalise, SlideSpec};
 use crate::inference::{OnnxModel, TileEmbeddings};
 use image::imageops::FilterType;
@@ -47,6 +48,8 @@ pub struct Analysed {
     pub reader: String,
     /// An encoder's tile embeddings: D, then one row of D values per analysed tile.
     pub embeddings: Option<TileEmbeddings>,
+    /// The slide's stains as estimated for stain normalisation.
+    pub stain: Option<Estimate>,
     pub tissue_fraction: f64,
     pub tiles_in_grid: usize,
     pub level: usize,
@@ -147,6 +150,17 @@ pub fn analyse(
             "no tissue found on the slide (the tissue mask is empty)".into(),
         ));
     }
+    // Stain normalisation is estimated once per slide, from its tissue.
+    let (stain, normaliser) = match &spec.stain_normalise {
+        Some(target) => {
+            let refused = |e: String| Stopped::Refused(format!("stain normalisation: {e}"));
+            let estimate = super::stain::estimate(&mask.tissue_rgb).map_err(refused)?;
+            let normaliser = Normaliser::new(&estimate, target).map_err(refused)?;
+            (Some(estimate), Some(normaliser))
+        }
+        None => (None, None),
+    };
+    let normaliser = normaliser.as_ref();
     let grid: Vec<(u32, u32)> = (0..rows)
         .flat_map(|r| (0..cols).map(move |c| (c, r)))
         .filter(|&(c, r)| {
@@ -194,10 +208,11 @@ pub fn analyse(
                         let x = (f64::from(c) * tile0 / ds).round() as u32;
                         let y = (f64::from(r) * tile0 / ds).round() as u32;
                         let rgb = slide.region(level, x, y, read_size, read_size)?;
-                        Ok(planar(
-                            &resized(rgb, spec.tile_size),
-                            spec.normalise.as_ref(),
-                        ))
+                        let mut tile = resized(rgb, spec.tile_size);
+                        if let Some(n) = normaliser {
+                            n.apply(&mut tile.pixels);
+                        }
+                        Ok(planar(&tile, spec.normalise.as_ref()))
                     })
                     .collect();
                 let message = decoded.map(|tiles| (tiles.concat(), ms(started)));
@@ -280,6 +295,7 @@ pub fn analyse(
     Ok(Analysed {
         reader: slide.reader(),
         embeddings,
+        stain,
         tissue_fraction: mask.tissue_pixels as f64 / mask.cells() as f64,
         tiles_in_grid: (cols * rows) as usize,
         level,
@@ -368,6 +384,8 @@ pub struct Mask {
     scale: f64,
     tissue: Vec<bool>,
     tissue_pixels: usize,
+    /// Mean RGB of each tissue cell: samples of the slide's stains.
+    tissue_rgb: Vec<[f32; 3]>,
 }
 
 impl Mask {
@@ -441,7 +459,20 @@ impl Mask {
         let min_object = ((MASK_PER_TILE * MASK_PER_TILE) / 4.0) as usize;
         remove_specks(&mut tissue, width, height, min_object);
         let tissue_pixels = tissue.iter().filter(|&&t| t).count();
+        let tissue_rgb = sums
+            .iter()
+            .zip(&tissue)
+            .filter(|(s, t)| **t && s[3] > 0.0)
+            .map(|(s, _)| {
+                [
+                    (s[0] / s[3]) as f32,
+                    (s[1] / s[3]) as f32,
+                    (s[2] / s[3]) as f32,
+                ]
+            })
+            .collect();
         Ok(Self {
+            tissue_rgb,
             width,
             height,
             scale,

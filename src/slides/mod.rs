@@ -10,6 +10,7 @@ pub mod heatmap;
 pub mod openslide;
 pub mod read;
 pub mod slide;
+pub mod stain;
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek};

@@ -680,3 +680,82 @@ async fn a_registered_tile_classifier_runs_over_a_slide_with_its_normalisation_a
     let measured = &geo["features"][0]["properties"]["measurements"];
     assert!(measured["tissue_fraction"].is_null() && measured["p_class_b"].is_number());
 }
+
+#[tokio::test]
+async fn a_model_that_stain_normalises_sees_every_tile_in_its_target_stains() {
+    let app = TestApp::spawn().await;
+    app.register_fixture("oslo", "tiny-tile-cnn", "oslo-tile-classifier", "0.1.0")
+        .await;
+    let dir = repo_path("tests/fixtures/models/tiny-tile-cnn");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    manifest["name"] = "oslo-tile-classifier-stained".into();
+    manifest["slide"]["stain_normalise"] = serde_json::json!({"method": "macenko"});
+    app.register_with(
+        "oslo",
+        "tiny-tile-cnn",
+        &manifest,
+        "oslo-tile-classifier-stained",
+        "0.1.0",
+    )
+    .await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let mut results = Vec::new();
+    for model in ["oslo-tile-classifier", "oslo-tile-classifier-stained"] {
+        let id = app
+            .submit_to(&token, &serde_json::json!({"model": model, "slide": slide}))
+            .await;
+        assert_eq!(app.step().await, 1);
+        let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+        assert_eq!(analysis["status"], "succeeded", "{analysis}");
+        results.push(analysis["result"].clone());
+    }
+    assert!(results[0]["slide"].get("stain_normalisation").is_none());
+    // The slide's own stains, estimated from its tissue: unit OD vectors, haematoxylin (more red
+    // absorbed) first.
+    let stain = &results[1]["slide"]["stain_normalisation"];
+    assert_eq!(stain["method"], "macenko");
+    assert!(stain["samples"].as_u64().unwrap() > 100, "{stain}");
+    let vectors: Vec<Vec<f64>> = serde_json::from_value(stain["slide_stains"].clone()).unwrap();
+    for v in &vectors {
+        let norm: f64 = v.iter().map(|c| c * c).sum::<f64>().sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-9 && v.iter().all(|c| *c >= 0.0),
+            "{stain}"
+        );
+    }
+    assert!(vectors[0][0] > vectors[1][0], "{stain}");
+    // The same tiles, seen in other colours: other scores.
+    assert_eq!(
+        results[0]["slide"]["tiles_analysed"],
+        results[1]["slide"]["tiles_analysed"]
+    );
+    assert_ne!(results[0]["measurements"], results[1]["measurements"]);
+
+    // A method onkos does not implement is refused at registration.
+    manifest["name"] = "oslo-tile-classifier-vahadane".into();
+    manifest["slide"]["stain_normalise"] = serde_json::json!({"method": "vahadane"});
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "manifest",
+            reqwest::multipart::Part::bytes(serde_json::to_vec(&manifest).unwrap())
+                .file_name("manifest.json"),
+        )
+        .part(
+            "onnx",
+            reqwest::multipart::Part::bytes(std::fs::read(dir.join("model.onnx")).unwrap())
+                .file_name("model.onnx"),
+        )
+        .text("card", "# Test fixture");
+    let response = app
+        .client
+        .post(format!("{}/v1/models", app.base))
+        .bearer_auth(app.token("oslo", "admin"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 422).await;
+    assert!(problem.to_string().contains("not macenko"), "{problem}");
+}
