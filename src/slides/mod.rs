@@ -146,10 +146,17 @@ pub fn inspect(file: impl Read + Seek) -> Result<SlideInfo, SlideError> {
         format: format.into(),
         vendor: vendor.map(str::to_owned),
         levels,
-        mpp_x,
-        mpp_y,
+        mpp_x: mpp_x.filter(|m| plausible_mpp(*m)),
+        mpp_y: mpp_y.filter(|m| plausible_mpp(*m)),
         objective,
     })
+}
+
+/// Whether a resolution could come from a slide scanner. TIFF writers put 72 or 96 dots per inch
+/// (353 or 265 µm/pixel) in files that say nothing about a microscope: such a value is taken as
+/// unstated, so that a grid is never cut at it.
+pub fn plausible_mpp(mpp: f64) -> bool {
+    mpp.is_finite() && (0.01..=100.0).contains(&mpp)
 }
 
 fn directory<R: Read + Seek>(d: &mut Decoder<R>) -> tiff::TiffResult<Directory> {

@@ -63,7 +63,9 @@ async fn each_fixture_format_is_read_with_its_pyramid_and_resolution() {
             (300, 250),
             4,
             Some(64),
-            Some(10_000.0 / (14_861_707.0 / 524_288.0)),
+            // The file says 72 dots per inch (a TIFF writer's default, 353 µm/pixel): no
+            // microscope's resolution, so taken as unstated.
+            None,
         ),
     ];
     for (file, format, (width, height), levels, tile, mpp) in cases {
@@ -448,6 +450,8 @@ async fn slide_analyses_are_refused_when_the_slide_cannot_be_read_at_the_models_
     let p = refused(serde_json::json!({"model": STAIN, "slide": svs, "mpp": 0.25})).await;
     assert!(p.to_string().contains("contradicts"), "{p}");
     let p = refused(serde_json::json!({"model": STAIN, "slide": boxes})).await;
+    assert!(p.to_string().contains("states no µm/pixel"), "{p}");
+    let p = refused(serde_json::json!({"model": STAIN, "slide": boxes, "mpp": 2.0})).await;
     assert!(p.to_string().contains("or finer"), "{p}");
     let p = refused(serde_json::json!({"model": STAIN})).await;
     assert!(p.to_string().contains("slide is required"), "{p}");
@@ -758,4 +762,34 @@ async fn a_model_that_stain_normalises_sees_every_tile_in_its_target_stains() {
         .unwrap();
     let problem = assert_problem(response, 422).await;
     assert!(problem.to_string().contains("not macenko"), "{problem}");
+}
+
+#[tokio::test]
+async fn a_generic_tiff_without_a_resolution_is_analysed_at_the_resolution_the_request_states() {
+    let app = TestApp::spawn().await;
+    app.register_fixture("oslo", "tiny-tile-cnn", "oslo-tile-classifier", "0.1.0")
+        .await;
+    let token = app.token("oslo", "submitter");
+    let slide = uploaded(&app, &token, "generic-boxes.tiff").await;
+    // The file states no µm/pixel: without one the request is refused, with one it runs.
+    let body = serde_json::json!({"model": "oslo-tile-classifier", "slide": slide});
+    let problem = assert_problem(app.post_json("/v1/analyses", &token, &body).await, 422).await;
+    assert!(
+        problem.to_string().contains("states no µm/pixel"),
+        "{problem}"
+    );
+    let body = serde_json::json!({"model": "oslo-tile-classifier", "slide": slide, "mpp": 0.5});
+    let id = app.submit_to(&token, &body).await;
+    assert_eq!(app.step().await, 1);
+    let analysis = app.get_json(&format!("/v1/analyses/{id}"), &token).await;
+    assert_eq!(analysis["status"], "succeeded", "{analysis}");
+    let summary = &analysis["result"]["slide"];
+    assert_eq!(summary["mpp_source"], "request");
+    assert_eq!(summary["reader"], "onkos-tiff");
+    // 300 x 250 pixels at 0.5 µm/pixel in tiles of 64 pixels at 1 µm: 128 pixels a side, 2 x 1.
+    assert_eq!(summary["tiles_in_grid"], 2);
+    assert!(
+        summary["tiles_analysed"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
 }
