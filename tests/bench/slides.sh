@@ -37,18 +37,23 @@ for round in $(seq "$ROUNDS"); do
   field pipeline_tiles_per_s <<<"$onkos" >> "$DATA/pipeline"
   field limit_tiles_per_s <<<"$onkos" >> "$DATA/limit"
   field regions_per_s <<<"$onkos" >> "$DATA/regions"
+  field isolated_openslide_regions_per_s <<<"$onkos" >> "$DATA/isolated"
   awk -v m="$(field libjpeg_turbo_mpix_per_s <<<"$reference")" -v s="$size" \
     'BEGIN {printf "%.0f\n", m * 1e6 / (s * s)}' >> "$DATA/turbo"
   field openslide_regions_per_s <<<"$reference" >> "$DATA/openslide"
 done
 pipeline=$(median < "$DATA/pipeline"); limit=$(median < "$DATA/limit"); turbo=$(median < "$DATA/turbo")
 regions=$(median < "$DATA/regions"); openslide=$(median < "$DATA/openslide")
+isolated=$(median < "$DATA/isolated")
 echo
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr); slide $SLIDE; $ROUNDS rounds"
 echo "onkos pipeline, model tiles/s (median): $pipeline"
 echo "decode limit of the same tiles in model tiles/s: onkos (zune-jpeg) $limit, libjpeg-turbo (Pillow) $turbo"
-echo "region reading, regions/s: onkos $regions, OpenSlide read_region $openslide"
+echo "region reading, regions/s: onkos $regions, OpenSlide read_region $openslide, OpenSlide in onkos's isolated reader processes $isolated"
 awk -v p="$pipeline" -v t="$turbo" -v r="$regions" -v o="$openslide" 'BEGIN {
   printf "ratio pipeline / libjpeg-turbo decode limit: %.2f (goal >= 0.8)\n", p / t
   printf "ratio onkos region reading / OpenSlide read_region: %.1f (goal >= 5)\n", r / o
+}'
+awk -v i="$isolated" -v o="$openslide" 'BEGIN {
+  printf "ratio OpenSlide isolated / in-process: %.2f (the cost of the crash isolation)\n", i / o
 }'
