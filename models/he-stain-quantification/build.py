@@ -51,25 +51,32 @@ def reference(tiles: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def graph() -> onnx.ModelProto:
+    """The arithmetic of `reference` in few full-tile operations: OD is linear in ln((I + 1) / 256),
+    so its scale, sign and the stain matrix fold into one 2 x 3 matrix (H and E rows only), and the
+    tissue test becomes a threshold on the channels' summed logarithm."""
     const = lambda name, value: numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
     axes = lambda name, values: numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+    k = 1.0 / np.log(10.0)
+    # hed = HED_FROM_RGB.T @ od, od = -k * ln((I + 1) / 256); keep the H and E rows.
+    he_from_log = -k * HED_FROM_RGB.T[:2]
+    # Total OD > OD_TISSUE  <=>  sum over channels of ln((I + 1) / 256) < -OD_TISSUE / k.
+    log_sum_max = -OD_TISSUE / k
     nodes = [
         helper.make_node("Add", ["tiles", "one"], ["shifted"]),
-        helper.make_node("Log", ["shifted"], ["log_i"]),
-        helper.make_node("Sub", ["log256", "log_i"], ["ln_od"]),
-        helper.make_node("Div", ["ln_od", "ln10"], ["od_image"]),
-        helper.make_node("Reshape", ["od_image", "flat_shape"], ["od"]),  # [N, 3, P]
-        helper.make_node("MatMul", ["hed_from_rgb_t", "od"], ["hed"]),  # [N, 3, P]
-        helper.make_node("ReduceSum", ["od", "axis1"], ["od_total"], keepdims=1),  # [N, 1, P]
-        helper.make_node("Greater", ["od_total", "od_tissue"], ["is_tissue"]),
+        helper.make_node("Mul", ["shifted", "inv256"], ["transmitted"]),
+        helper.make_node("Log", ["transmitted"], ["log_image"]),
+        helper.make_node("Reshape", ["log_image", "flat_shape"], ["log_t"]),  # [N, 3, P]
+        helper.make_node("MatMul", ["he_from_log", "log_t"], ["he"]),  # [N, 2, P]
+        helper.make_node("ReduceSum", ["log_t", "axis1"], ["log_sum"], keepdims=1),  # [N, 1, P]
+        helper.make_node("Less", ["log_sum", "log_sum_max"], ["is_tissue"]),
         helper.make_node("Cast", ["is_tissue"], ["mask"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["mask"], ["tissue_fraction"], axes=[1, 2], keepdims=0),
         helper.make_node("ReduceSum", ["mask", "axes12"], ["tissue_pixels"], keepdims=0),
         helper.make_node("Max", ["tissue_pixels", "one"], ["tissue_count"]),
-        helper.make_node("Max", ["hed", "zero"], ["density"]),
+        helper.make_node("Relu", ["he"], ["density"]),
         helper.make_node("Mul", ["density", "mask"], ["tissue_density"]),
-        helper.make_node("ReduceSum", ["tissue_density", "axis2"], ["density_sum"], keepdims=0),  # [N, 3]
-        helper.make_node("Split", ["density_sum", "split3"], ["h_sum", "e_sum", "d_sum"], axis=1),
+        helper.make_node("ReduceSum", ["tissue_density", "axis2"], ["density_sum"], keepdims=0),  # [N, 2]
+        helper.make_node("Split", ["density_sum", "split2"], ["h_sum", "e_sum"], axis=1),
         helper.make_node("Squeeze", ["h_sum", "axis1"], ["h_total"]),
         helper.make_node("Squeeze", ["e_sum", "axis1"], ["e_total"]),
         helper.make_node("Div", ["h_total", "tissue_count"], ["haematoxylin_od"]),
@@ -77,16 +84,14 @@ def graph() -> onnx.ModelProto:
     ]
     initializers = [
         const("one", 1.0),
-        const("zero", 0.0),
-        const("log256", np.log(256.0)),
-        const("ln10", np.log(10.0)),
-        const("od_tissue", OD_TISSUE),
-        const("hed_from_rgb_t", HED_FROM_RGB.T),
+        const("inv256", 1.0 / 256.0),
+        const("he_from_log", he_from_log),
+        const("log_sum_max", log_sum_max),
         axes("flat_shape", [0, 3, -1]),
         axes("axis1", [1]),
         axes("axis2", [2]),
         axes("axes12", [1, 2]),
-        axes("split3", [1, 1, 1]),
+        axes("split2", [1, 1]),
     ]
     tiles = helper.make_tensor_value_info("tiles", TensorProto.FLOAT, ["N", 3, TILE, TILE])
     outputs = [
