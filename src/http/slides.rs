@@ -156,6 +156,7 @@ pub async fn upload(
     .map_err(|e| anyhow::anyhow!("cannot read the staged upload: {e}"))?
     .map_err(|e| match e {
         SlideError::Unsupported(why) => ApiError::UnsupportedMediaType(why),
+        SlideError::Internal(why) => ApiError::from(anyhow::anyhow!("slide inspection: {why}")),
         SlideError::Invalid(why) => {
             ApiError::Validation(vec![FieldError::new("body", "not_a_slide", why)])
         }
@@ -217,8 +218,12 @@ pub async fn upload(
         }
         outcome => {
             // Not stored (a concurrent upload of the same bytes won, or the insert failed): the
-            // moved file is not referenced by any row.
+            // moved file (and an archive's extracted files) are not referenced by any row.
             state.blobs.delete(&blob_key).await?;
+            let _ = tokio::fs::remove_dir_all(crate::slides::archive::folder_of(
+                &state.blobs.path_of(&blob_key),
+            ))
+            .await;
             outcome?;
             let existing = repo::slides::find(&state.pool, &principal.tenant, Key::Digest(&sha256))
                 .await?
@@ -368,8 +373,9 @@ pub async fn thumbnail(
     })
     .await
     .map_err(|e| anyhow::anyhow!("thumbnail rendering died: {e}"))?
-    .map_err(|e| {
-        ApiError::Validation(vec![FieldError::new("slide", "unreadable", e.to_string())])
+    .map_err(|e| match e {
+        SlideError::Internal(why) => ApiError::from(anyhow::anyhow!("thumbnail: {why}")),
+        e => ApiError::Validation(vec![FieldError::new("slide", "unreadable", e.to_string())]),
     })?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }

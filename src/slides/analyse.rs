@@ -85,7 +85,11 @@ pub enum Stopped {
 
 impl From<SlideError> for Stopped {
     fn from(e: SlideError) -> Self {
-        Self::Refused(e.to_string())
+        match e {
+            // The worker's fault: another attempt (maybe on another worker) may succeed.
+            SlideError::Internal(why) => Self::Inference(why),
+            e => Self::Refused(e.to_string()),
+        }
     }
 }
 

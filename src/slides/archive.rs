@@ -44,6 +44,7 @@ pub fn unpacked(archive: &Path, limit: u64) -> Result<Contents, SlideError> {
 
 fn extract(archive: &Path, folder: &Path, limit: u64) -> Result<(), SlideError> {
     let invalid = |why: String| SlideError::Invalid(why);
+    let internal = |why: String| SlideError::Internal(why);
     let file =
         File::open(archive).map_err(|e| invalid(format!("the archive cannot be opened: {e}")))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -78,18 +79,31 @@ fn extract(archive: &Path, folder: &Path, limit: u64) -> Result<(), SlideError> 
             let target = partial.join(&name);
             if entry.is_dir() {
                 std::fs::create_dir_all(&target)
-                    .map_err(|e| invalid(format!("cannot extract the archive: {e}")))?;
+                    .map_err(|e| internal(format!("cannot extract the archive: {e}")))?;
                 continue;
             }
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)
-                    .map_err(|e| invalid(format!("cannot extract the archive: {e}")))?;
+                    .map_err(|e| internal(format!("cannot extract the archive: {e}")))?;
             }
             let mut out = File::create(&target)
-                .map_err(|e| invalid(format!("cannot extract the archive: {e}")))?;
+                .map_err(|e| internal(format!("cannot extract the archive: {e}")))?;
             let left = budget - written;
-            let copied = std::io::copy(&mut (&mut entry).take(left + 1), &mut out)
-                .map_err(|e| invalid(format!("archive entry {:?} is broken: {e}", entry.name())))?;
+            // A read error is the archive's fault; a write error (a full disk) is ours.
+            let mut limited = (&mut entry).take(left + 1);
+            let mut buffer = vec![0_u8; 1 << 16];
+            let mut copied = 0_u64;
+            loop {
+                let n = limited.read(&mut buffer).map_err(|e| {
+                    invalid(format!("archive entry {:?} is broken: {e}", name.display()))
+                })?;
+                if n == 0 {
+                    break;
+                }
+                std::io::Write::write_all(&mut out, &buffer[..n])
+                    .map_err(|e| internal(format!("cannot extract the archive: {e}")))?;
+                copied += n as u64;
+            }
             written += copied;
             if written > budget {
                 return Err(invalid(format!(
@@ -112,7 +126,9 @@ fn extract(archive: &Path, folder: &Path, limit: u64) -> Result<(), SlideError> 
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&partial);
-            Err(invalid(format!("cannot extract the archive: {e}")))
+            Err(SlideError::Internal(format!(
+                "cannot extract the archive: {e}"
+            )))
         }
     }
 }

@@ -17,6 +17,12 @@ use std::path::Path;
 pub const WSI_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.77.1.6";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+/// Largest tile side read (DICOM WSI tiles are 256-2048 in practice).
+const MAX_TILE_SIDE: u32 = 8192;
+/// Most tiles (or frames) one instance may have: 4 194 304, a 500 000-pixel square of 256-pixel tiles.
+const MAX_TILES: u64 = 1 << 22;
+/// Deepest nesting of sequences read: real WSI headers nest a few levels.
+const MAX_DEPTH: u32 = 16;
 
 /// One DICOM WSI instance: a level (or a thumbnail, label, overview).
 #[derive(Debug, Clone)]
@@ -59,6 +65,11 @@ fn invalid(why: impl Into<String>) -> SlideError {
 /// read: other SOP classes, compressions other than JPEG baseline and none, several focal planes
 /// or optical paths.
 pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
+    // The element walk comes first: it bounds the nesting that dicom-rs would recurse into.
+    let file = File::open(path).map_err(|e| invalid(format!("the slide cannot be opened: {e}")))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut reader = BufReader::new(file);
+    let (pixel_at, pixel_length) = locate_pixel_data(&mut reader, size)?;
     let object = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
         .open_file(path)
@@ -130,7 +141,22 @@ pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
     let height = required(tags::TOTAL_PIXEL_MATRIX_ROWS, "Total Pixel Matrix Rows")?;
     let tile_width = required(tags::COLUMNS, "Columns")?;
     let tile_height = required(tags::ROWS, "Rows")?;
-    let frames = required(tags::NUMBER_OF_FRAMES, "Number of Frames")? as usize;
+    let frames = u64::from(required(tags::NUMBER_OF_FRAMES, "Number of Frames")?);
+    if tile_width > MAX_TILE_SIDE || tile_height > MAX_TILE_SIDE {
+        return Err(SlideError::Unsupported(format!(
+            "{tile_width} x {tile_height} tiles are not read (at most {MAX_TILE_SIDE} a side)"
+        )));
+    }
+    let grid = u64::from(width.div_ceil(tile_width)) * u64::from(height.div_ceil(tile_height));
+    let frame_bytes = u64::from(tile_width) * u64::from(tile_height) * 3;
+    // Every frame takes at least an item header (8 bytes), or its pixels when uncompressed.
+    let least = frames.saturating_mul(if compression == 7 { 8 } else { frame_bytes });
+    if grid > MAX_TILES || frames > MAX_TILES || least > size {
+        return Err(invalid(format!(
+            "{frames} frames of a {width} x {height} image in {tile_width} x {tile_height} tiles do not fit the file ({size} bytes)"
+        )));
+    }
+    let frames = frames as usize;
     let flavour = object
         .get(tags::IMAGE_TYPE)
         .and_then(|e| e.to_multi_str().ok())
@@ -177,9 +203,14 @@ pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
             )));
         }
     };
-    let file = File::open(path).map_err(|e| invalid(format!("the slide cannot be opened: {e}")))?;
-    let frame_bytes = (tile_width as u64) * (tile_height as u64) * 3;
-    let offsets = frame_offsets(file, compression == 7, frames, frame_bytes)?;
+    let offsets = frame_offsets(
+        &mut reader,
+        size,
+        (pixel_at, pixel_length),
+        compression == 7,
+        frames,
+        frame_bytes,
+    )?;
     let mut tiles = vec![(0_u64, 0_u64); across * down];
     for (frame, &position) in positions.iter().enumerate().take(frames) {
         if let Some(slot) = tiles.get_mut(position) {
@@ -252,66 +283,20 @@ fn sparse_positions(
         .collect()
 }
 
-/// Where each frame's bytes are: the top-level elements are walked (explicit VR little endian)
-/// to Pixel Data; encapsulated frames are its items after the offset table (one fragment per
-/// frame), native frames follow each other.
-fn frame_offsets(
-    file: File,
-    encapsulated: bool,
-    frames: usize,
-    frame_bytes: u64,
-) -> Result<Vec<(u64, u64)>, SlideError> {
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut r = BufReader::new(file);
+/// Where Pixel Data's value starts and its length, by walking the top-level elements (explicit VR
+/// little endian, headers only); sequences nested deeper than `MAX_DEPTH` are refused.
+fn locate_pixel_data<R: Read + Seek>(r: &mut R, size: u64) -> Result<(u64, u32), SlideError> {
     let broken = |e: std::io::Error| invalid(format!("the DICOM file is truncated or broken: {e}"));
     // Preamble and "DICM"; then group 0002 is explicit VR little endian too.
     r.seek(SeekFrom::Start(132)).map_err(broken)?;
     loop {
-        let (group, element, length) = element_header(&mut r).map_err(broken)?;
+        let (group, element, length) = element_header(r).map_err(broken)?;
         let at = r.stream_position().map_err(broken)?;
         if (group, element) == (0x7FE0, 0x0010) {
-            if !encapsulated {
-                if length != u32::MAX && u64::from(length) < frame_bytes * frames as u64 {
-                    return Err(invalid("Pixel Data is shorter than its frames"));
-                }
-                return Ok((0..frames as u64)
-                    .map(|i| (at + i * frame_bytes, frame_bytes))
-                    .collect());
-            }
-            if length != u32::MAX {
-                return Err(invalid("encapsulated Pixel Data with a defined length"));
-            }
-            let mut offsets = Vec::with_capacity(frames);
-            let mut first = true;
-            loop {
-                let (tag, len) = item_header(&mut r).map_err(broken)?;
-                match tag {
-                    0xE0DD => break,
-                    0xE000 => {}
-                    _ => return Err(invalid("Pixel Data holds something other than items")),
-                }
-                let start = r.stream_position().map_err(broken)?;
-                if start + u64::from(len) > size {
-                    return Err(invalid(
-                        "a frame runs past the end of the file (truncated?)",
-                    ));
-                }
-                if !first {
-                    offsets.push((start, u64::from(len)));
-                }
-                first = false;
-                r.seek(SeekFrom::Current(i64::from(len))).map_err(broken)?;
-            }
-            if offsets.len() != frames {
-                return Err(SlideError::Unsupported(format!(
-                    "{} fragments for {frames} frames: frames split into several fragments are not read",
-                    offsets.len()
-                )));
-            }
-            return Ok(offsets);
+            return Ok((at, length));
         }
         if length == u32::MAX {
-            skip_undefined(&mut r).map_err(broken)?;
+            skip_undefined(r, 0).map_err(broken)?;
         } else {
             if at + u64::from(length) > size {
                 return Err(invalid(
@@ -322,6 +307,67 @@ fn frame_offsets(
                 .map_err(broken)?;
         }
     }
+}
+
+/// Where each frame's bytes are: encapsulated frames are Pixel Data's items after the offset table
+/// (one fragment per frame), native frames follow each other.
+fn frame_offsets<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+    (at, length): (u64, u32),
+    encapsulated: bool,
+    frames: usize,
+    frame_bytes: u64,
+) -> Result<Vec<(u64, u64)>, SlideError> {
+    let broken = |e: std::io::Error| invalid(format!("the DICOM file is truncated or broken: {e}"));
+    if !encapsulated {
+        let needed = frame_bytes * frames as u64;
+        if length == u32::MAX || u64::from(length) < needed || at + needed > size {
+            return Err(invalid(
+                "uncompressed Pixel Data is shorter than its frames",
+            ));
+        }
+        return Ok((0..frames as u64)
+            .map(|i| (at + i * frame_bytes, frame_bytes))
+            .collect());
+    }
+    if length != u32::MAX {
+        return Err(invalid("encapsulated Pixel Data with a defined length"));
+    }
+    r.seek(SeekFrom::Start(at)).map_err(broken)?;
+    let mut offsets = Vec::with_capacity(frames);
+    let mut first = true;
+    loop {
+        let (tag, len) = item_header(r).map_err(broken)?;
+        match tag {
+            0xE0DD => break,
+            0xE000 => {}
+            _ => return Err(invalid("Pixel Data holds something other than items")),
+        }
+        let start = r.stream_position().map_err(broken)?;
+        if start + u64::from(len) > size {
+            return Err(invalid(
+                "a frame runs past the end of the file (truncated?)",
+            ));
+        }
+        if !first {
+            if offsets.len() == frames {
+                return Err(SlideError::Unsupported(format!(
+                    "more fragments than the {frames} frames: frames split into several fragments are not read"
+                )));
+            }
+            offsets.push((start, u64::from(len)));
+        }
+        first = false;
+        r.seek(SeekFrom::Current(i64::from(len))).map_err(broken)?;
+    }
+    if offsets.len() != frames {
+        return Err(SlideError::Unsupported(format!(
+            "{} fragments for {frames} frames: frames split into several fragments are not read",
+            offsets.len()
+        )));
+    }
+    Ok(offsets)
 }
 
 /// Group, element and value length of the next explicit-VR little-endian element.
@@ -384,12 +430,17 @@ fn item_header(r: &mut impl Read) -> std::io::Result<(u16, u32)> {
 
 /// Skips an undefined-length value (a sequence or encapsulated data): items until the sequence
 /// delimiter, each item's elements until its delimiter when the item's length is undefined too.
-fn skip_undefined<R: Read + Seek>(r: &mut R) -> std::io::Result<()> {
+fn skip_undefined<R: Read + Seek>(r: &mut R, depth: u32) -> std::io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "sequences nested more than {MAX_DEPTH} deep"
+        )));
+    }
     loop {
         let (element, len) = item_header(r)?;
         match element {
             0xE0DD => return Ok(()),
-            0xE000 if len == u32::MAX => skip_item_elements(r)?,
+            0xE000 if len == u32::MAX => skip_item_elements(r, depth)?,
             0xE000 => {
                 r.seek(SeekFrom::Current(i64::from(len)))?;
             }
@@ -398,14 +449,14 @@ fn skip_undefined<R: Read + Seek>(r: &mut R) -> std::io::Result<()> {
     }
 }
 
-fn skip_item_elements<R: Read + Seek>(r: &mut R) -> std::io::Result<()> {
+fn skip_item_elements<R: Read + Seek>(r: &mut R, depth: u32) -> std::io::Result<()> {
     loop {
         let (group, element, len) = element_header(r)?;
         if group == 0xFFFE && element == 0xE00D {
             return Ok(());
         }
         if len == u32::MAX {
-            skip_undefined(r)?;
+            skip_undefined(r, depth + 1)?;
         } else {
             r.seek(SeekFrom::Current(i64::from(len)))?;
         }

@@ -79,6 +79,9 @@ pub enum SlideError {
     /// Claims a supported format but is broken, truncated or not a whole-slide image: 422.
     #[error("{0}")]
     Invalid(String),
+    /// The server's fault, not the file's (a reader that cannot start, a full disk): 500.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// One image file directory, as read.

@@ -15,11 +15,13 @@
 
 use super::SlideError;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Largest region one request may ask for (pixels), so a request cannot make a child allocate
 /// without bound.
@@ -27,6 +29,62 @@ const MAX_REGION_PIXELS: u64 = 64 << 20;
 const REQUEST_LEN: usize = 4 + 8 + 8 + 4 + 4;
 
 static READER_PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+
+/// How long a reader may take to answer one request before it is taken for hung and killed (a
+/// region is read in milliseconds; opening a slide in well under a second).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(120);
+
+/// Deadlines of the reader children now awaited, by process id; one watchdog thread kills those
+/// past theirs, so that a hang in the C library ends like a crash instead of holding a worker.
+static WATCHED: OnceLock<Mutex<HashMap<u32, Instant>>> = OnceLock::new();
+
+fn watched() -> &'static Mutex<HashMap<u32, Instant>> {
+    WATCHED.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("onkos-reader-watchdog".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let now = Instant::now();
+                    if let Some(map) = WATCHED.get()
+                        && let Ok(mut map) = map.lock()
+                    {
+                        map.retain(|&pid, deadline| {
+                            if now < *deadline {
+                                return true;
+                            }
+                            tracing::warn!(pid, "a slide reader did not answer in time: killed");
+                            let pid = nix::unistd::Pid::from_raw(pid as i32);
+                            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                            false
+                        });
+                    }
+                }
+            })
+            .ok();
+        Mutex::new(HashMap::new())
+    })
+}
+
+/// Awaiting one answer from a child: watched until dropped.
+struct Awaiting(u32);
+
+impl Awaiting {
+    fn new(pid: u32, within: Duration) -> Self {
+        if let Ok(mut map) = watched().lock() {
+            map.insert(pid, Instant::now() + within);
+        }
+        Self(pid)
+    }
+}
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        if let Ok(mut map) = watched().lock() {
+            map.remove(&self.0);
+        }
+    }
+}
 
 /// Sets the program run as `<program> slide-reader <file>` (by default this executable). The
 /// first call wins; later ones are ignored.
@@ -38,7 +96,7 @@ fn reader_program() -> Result<PathBuf, SlideError> {
     match READER_PROGRAM.get() {
         Some(program) => Ok(program.clone()),
         None => std::env::current_exe().map_err(|e| {
-            SlideError::Invalid(format!("the slide reader program cannot be found: {e}"))
+            SlideError::Internal(format!("the slide reader program cannot be found: {e}"))
         }),
     }
 }
@@ -179,12 +237,14 @@ fn read_rgb(
 #[derive(Debug)]
 struct Reader {
     child: Child,
+    /// How long one answer may take.
+    within: Duration,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Reader {
-    fn spawn(program: &Path, path: &Path) -> Result<Self, SlideError> {
+    fn spawn(program: &Path, path: &Path, within: Duration) -> Result<Self, SlideError> {
         let mut child = Command::new(program)
             .arg("slide-reader")
             .arg(path)
@@ -193,7 +253,7 @@ impl Reader {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
-                SlideError::Invalid(format!(
+                SlideError::Internal(format!(
                     "the slide reader ({}) cannot be started: {e}",
                     program.display()
                 ))
@@ -203,6 +263,7 @@ impl Reader {
         };
         Ok(Self {
             child,
+            within,
             stdin: Some(stdin),
             stdout: BufReader::new(stdout),
         })
@@ -210,7 +271,9 @@ impl Reader {
 
     fn header(&mut self) -> Result<Header, SlideError> {
         let mut line = String::new();
+        let awaiting = Awaiting::new(self.child.id(), self.within);
         let read = self.stdout.read_line(&mut line);
+        drop(awaiting);
         if read.is_err() || line.is_empty() {
             return Err(self.died("opening the slide"));
         }
@@ -242,26 +305,34 @@ impl Reader {
         let Some(stdin) = self.stdin.as_mut() else {
             return Err(self.died(&what));
         };
+        let awaiting = Awaiting::new(self.child.id(), self.within);
         if stdin
             .write_all(&request)
             .and_then(|()| stdin.flush())
             .is_err()
         {
+            drop(awaiting);
             return Err(self.died(&what));
         }
         let mut head = [0_u8; 5];
         if self.stdout.read_exact(&mut head).is_err() {
+            drop(awaiting);
             return Err(self.died(&what));
         }
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
         let expected = width as usize * height as usize * 3;
         if head[0] == 0 && len != expected || head[0] > 1 || len > expected.max(1 << 16) {
+            // Out of step with the protocol: this reader is not used again.
+            drop(awaiting);
+            let _ = self.died(&what);
             return Err(SlideError::Invalid(format!(
                 "the slide reader answered {len} bytes {what}"
             )));
         }
         let mut body = vec![0_u8; len];
-        if self.stdout.read_exact(&mut body).is_err() {
+        let read = self.stdout.read_exact(&mut body);
+        drop(awaiting);
+        if read.is_err() {
             return Err(self.died(&what));
         }
         if head[0] == 1 {
@@ -320,8 +391,13 @@ pub struct OpenSlideSlide {
 
 impl OpenSlideSlide {
     pub fn open(path: &Path, processes: usize) -> Result<Self, SlideError> {
+        Self::open_with(path, processes, ANSWER_WITHIN)
+    }
+
+    /// Opens with another limit on how long one answer may take.
+    pub fn open_with(path: &Path, processes: usize, within: Duration) -> Result<Self, SlideError> {
         let program = reader_program()?;
-        let mut first = Reader::spawn(&program, path)?;
+        let mut first = Reader::spawn(&program, path, within)?;
         let header = first.header()?;
         if header.levels.is_empty() {
             return Err(SlideError::Invalid(
@@ -331,7 +407,7 @@ impl OpenSlideSlide {
         let mut readers = vec![first];
         let mut more = Vec::new();
         for _ in 1..processes.max(1) {
-            more.push(Reader::spawn(&program, path)?);
+            more.push(Reader::spawn(&program, path, within)?);
         }
         for mut reader in more {
             reader.header()?;

@@ -24,6 +24,8 @@ const JPEG: u16 = 7;
 /// Decoded tiles kept by default (about 48 MB of 256 x 256 tiles).
 const CACHED_TILES: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 const PHOTOMETRIC_RGB: u16 = 2;
+/// Largest tile side the fast path reads (real slides use 240-1024).
+const MAX_TILE_SIDE: u32 = 8192;
 /// Compressions the fast path decodes: none, LZW, JPEG, deflate (both codes), PackBits.
 const DECODED: [u16; 6] = [1, 5, 7, 8, 32946, 32773];
 
@@ -109,6 +111,12 @@ impl TiledSlide {
             else {
                 continue;
             };
+            if tile_width > MAX_TILE_SIDE || tile_height > MAX_TILE_SIDE {
+                return Err(SlideError::Unsupported(format!(
+                    "level {} has {tile_width} x {tile_height} tiles; onkos's tile reader reads at most {MAX_TILE_SIDE} a side",
+                    levels.len()
+                )));
+            }
             if !DECODED.contains(&compression) {
                 return Err(SlideError::Unsupported(format!(
                     "level {} is compressed with TIFF compression {compression}, which onkos's tile reader does not decode",
@@ -380,8 +388,18 @@ impl TiledSlide {
     /// left out). All levels must be of one series and keep the base level's aspect ratio.
     pub fn open_dicom(paths: &[std::path::PathBuf]) -> Result<Self, SlideError> {
         let mut instances = Vec::new();
+        let mut skipped = None;
         for path in paths {
-            let instance = super::dicom::open_instance(path)?;
+            // In an archive of several files, DICOM files that are not WSI images onkos reads
+            // (a DICOMDIR, annotations, a label in another codec) are left out, not fatal.
+            let instance = match super::dicom::open_instance(path) {
+                Ok(instance) => instance,
+                Err(SlideError::Unsupported(why)) if paths.len() > 1 => {
+                    skipped.get_or_insert(why);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if instance.flavour == "VOLUME" {
                 let file = File::open(path)
                     .map_err(|e| SlideError::Invalid(format!("the slide cannot be opened: {e}")))?;
@@ -390,10 +408,15 @@ impl TiledSlide {
         }
         instances.sort_by_key(|(i, _)| std::cmp::Reverse(u64::from(i.width) * u64::from(i.height)));
         let Some((base, _)) = instances.first() else {
-            return Err(SlideError::Invalid(
-                "the DICOM upload has no VOLUME image (only thumbnails, labels or overviews)"
-                    .into(),
-            ));
+            return Err(match skipped {
+                Some(why) => SlideError::Unsupported(format!(
+                    "no DICOM file of the archive is a WSI image onkos reads ({why})"
+                )),
+                None => SlideError::Invalid(
+                    "the DICOM upload has no VOLUME image (only thumbnails, labels or overviews)"
+                        .into(),
+                ),
+            });
         };
         let (series, base_width, base_height) = (base.series.clone(), base.width, base.height);
         let mut files = Vec::new();
@@ -447,7 +470,12 @@ fn adobe_rgb(stream: &[u8]) -> bool {
             return false;
         }
         let len = usize::from(u16::from_be_bytes([stream[at + 2], stream[at + 3]]));
-        let payload = &stream[(at + 4).min(stream.len())..(at + 2 + len).min(stream.len())];
+        if len < 2 {
+            return false;
+        }
+        let payload = stream
+            .get(at + 4..(at + 2 + len).min(stream.len()))
+            .unwrap_or(&[]);
         if marker == 0xEE && payload.len() >= 12 && payload.starts_with(b"Adobe") {
             return payload[11] == 0;
         }
@@ -482,5 +510,30 @@ impl Rgb {
         )
         .map_err(|e| SlideError::Invalid(format!("the picture cannot be encoded: {e}")))?;
         Ok(out.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adobe_rgb;
+
+    #[test]
+    fn jpeg_markers_are_scanned_without_trusting_their_lengths() {
+        // An Adobe marker saying RGB (transform 0), and one saying YCbCr.
+        let mut rgb = vec![0xFF, 0xD8, 0xFF, 0xEE, 0x00, 0x0E];
+        rgb.extend_from_slice(b"Adobe\x00\x64\x00\x00\x00\x00\x00");
+        assert!(adobe_rgb(&rgb));
+        let mut ycc = rgb.clone();
+        ycc[17] = 1;
+        assert!(!adobe_rgb(&ycc));
+        // Lengths of 0 and 1, or past the end, end the scan instead of the process.
+        for broken in [
+            vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x00],
+            vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x01],
+            vec![0xFF, 0xD8, 0xFF, 0xEE, 0xFF, 0xFF, b'A'],
+            vec![0xFF, 0xD8],
+        ] {
+            assert!(!adobe_rgb(&broken));
+        }
     }
 }

@@ -294,3 +294,54 @@ async fn archives_that_are_not_slides_or_are_bombs_are_refused_and_nothing_is_ke
     assert!(left.is_empty(), "{left:?}");
     assert!(!app.config.data_dir.join("blobs/outside.dcm").exists());
 }
+
+/// The DICOM fixture with one element's value bytes replaced (the element found by its tag, group
+/// and element little-endian, explicit VR).
+fn with_value(bytes: &[u8], tag: [u8; 4], value: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let at = out.windows(4).position(|w| w == tag).unwrap();
+    out[at + 8..at + 8 + value.len()].copy_from_slice(value);
+    out
+}
+
+#[tokio::test]
+async fn hostile_dicom_headers_are_refused_without_harm() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let level0 = std::fs::read(dicom("cmu1-level0.dcm")).unwrap();
+    // A billion-pixel-wide matrix in a 1.3 MB file: refused before anything is allocated for it.
+    let wide = with_value(
+        &level0,
+        [0x48, 0x00, 0x06, 0x00],
+        &1_000_000_000_u32.to_le_bytes(),
+    );
+    let problem = assert_problem(post_slide(&app, &token, wide).await, 422).await;
+    assert!(
+        problem.to_string().contains("do not fit the file"),
+        "{problem}"
+    );
+    // Sequences nested 5 000 deep right after the file meta group: refused before dicom-rs
+    // recurses into them.
+    let meta_len = u32::from_le_bytes(level0[140..144].try_into().unwrap()) as usize;
+    let start = 144 + meta_len;
+    let mut nested = level0[..start].to_vec();
+    for _ in 0..5000 {
+        nested.extend_from_slice(&[
+            0x07, 0x00, 0x10, 0x00, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        nested.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for _ in 0..5000 {
+        nested.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        nested.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+    nested.extend_from_slice(&level0[start..]);
+    let problem = assert_problem(post_slide(&app, &token, nested).await, 422).await;
+    assert!(
+        problem.to_string().contains("nested more than"),
+        "{problem}"
+    );
+    // The API is still there.
+    assert_eq!(app.get("/healthz", &token).await.status(), 200);
+    assert_eq!(app.rows("slides").await, 0);
+}

@@ -198,3 +198,24 @@ async fn a_damaged_ndpi_fails_its_analysis_with_the_reason_and_the_worker_lives_
     app.submit(&token, &features).await;
     assert_eq!(app.step().await, 1);
 }
+
+#[test]
+fn a_reader_that_hangs_is_killed_and_the_read_fails_with_the_reason() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    reader();
+    let path = slide_path("hamamatsu-fluorescence-dapi.ndpi");
+    let slide = OpenSlideSlide::open_with(&path, 1, std::time::Duration::from_secs(3)).unwrap();
+    // The C library stops making progress (here: the process is frozen).
+    let pid = slide.reader_pids()[0];
+    kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let error = slide
+        .region(0, 0, 0, 64, 64)
+        .map(|pixels| pixels.len())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("signal 9"), "{error}");
+    // Ended by the watchdog, not waited on forever.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
