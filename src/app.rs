@@ -74,6 +74,7 @@ impl Application {
             env: crate::inference::init_runtime(config.ort_dylib_path.as_deref())?,
             try_cuda: config.execution_provider == "auto",
             threads: config.inference_threads,
+            slide_threads: config.slide_inference_threads,
         };
         let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
         if let Some(program) = &config.slide_reader {

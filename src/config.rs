@@ -49,6 +49,9 @@ pub struct Config {
     /// `auto` tries CUDA and falls back to CPU; `cpu` never tries CUDA.
     pub execution_provider: String,
     pub inference_threads: usize,
+    /// Intra-op threads of slide models' sessions (a worker runs one slide at a time, with its tile
+    /// decoding beside it); 0: ONNX Runtime's default, one per physical core.
+    pub slide_inference_threads: usize,
     /// Run the in-process worker in `serve`.
     pub worker: bool,
     pub worker_batch_size: u32,
@@ -112,6 +115,7 @@ impl Default for Config {
             ort_dylib_path: None,
             execution_provider: "auto".into(),
             inference_threads: 1,
+            slide_inference_threads: 0,
             worker: true,
             worker_batch_size: 64,
             worker_lease_secs: 60,

@@ -24,6 +24,7 @@ pub fn bundled_throughput(
         env: init_runtime(config.ort_dylib_path.as_deref())?,
         try_cuda: config.execution_provider == "auto",
         threads: config.inference_threads,
+        slide_threads: config.slide_inference_threads,
     };
     let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), &options)?;
     let references: Vec<Value> =

@@ -51,6 +51,19 @@ pub struct SessionOptions {
     pub env: Environment,
     pub try_cuda: bool,
     pub threads: usize,
+    /// Intra-op threads for slide models (0: ONNX Runtime's default).
+    pub slide_threads: usize,
+}
+
+impl SessionOptions {
+    /// The options for one model: slide models get their own thread count.
+    pub fn for_model(&self, slide: bool) -> Self {
+        let mut options = self.clone();
+        if slide {
+            options.threads = self.slide_threads;
+        }
+        options
+    }
 }
 
 /// One loaded ONNX graph: a matrix input (one row per case, one column per encoded feature) and

@@ -189,7 +189,7 @@ impl Registry {
         manifest
             .check()
             .map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
-        let options = self.options.clone();
+        let options = self.options.for_model(manifest.slide.is_some());
         let model = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
             let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.input_width(), &options)?;
             register::smoke_test(&manifest, &onnx)?;

@@ -24,7 +24,8 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
     let options = SessionOptions {
         env: init_runtime(config.ort_dylib_path.as_deref())?,
         try_cuda: config.execution_provider == "auto",
-        threads: config.inference_threads,
+        threads: config.slide_inference_threads,
+        slide_threads: config.slide_inference_threads,
     };
     let onnx = OnnxModel::load(
         &std::fs::read(folder.join(&manifest.onnx.file))?,
