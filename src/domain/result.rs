@@ -156,6 +156,9 @@ pub struct ClassificationResult {
     pub intended_use: String,
 }
 
+/// The per-tile measure of a MIL analysis: the head's attention weight.
+pub const ATTENTION: &str = "attention";
+
 /// What a MIL analysis looked at: one slide's tile embeddings, and the tiles its head attended to
 /// most.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

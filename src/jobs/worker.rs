@@ -7,8 +7,8 @@ use crate::domain::contract::RangeFlag;
 use crate::domain::ids::TenantId;
 use crate::domain::result::ModelOutputs;
 use crate::domain::result::{
-    AnalysisResult, AttendedTile, BagSummary, Evidence, Measurement, SLIDE_SCHEMA, SlideResult,
-    SlideStages, SlideSummary,
+    ATTENTION, AnalysisResult, AttendedTile, BagSummary, Evidence, Measurement, SLIDE_SCHEMA,
+    SlideResult, SlideStages, SlideSummary,
 };
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
@@ -903,9 +903,6 @@ fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f6
         Err(e) => Attempt::Permanent(format!("the result cannot be written: {e}")),
     }
 }
-
-/// The per-tile measure of a MIL analysis: the head's attention weight.
-pub const ATTENTION: &str = "attention";
 
 /// The stored result and timings of one analysis.
 fn result_document(

@@ -24,6 +24,15 @@ const MAX_TILES: u64 = 1 << 22;
 /// Deepest nesting of sequences read: real WSI headers nest a few levels.
 const MAX_DEPTH: u32 = 16;
 
+/// What a series' base level says about the slide.
+#[derive(Debug, Clone)]
+pub struct SeriesFacts {
+    /// µm per pixel (x, y).
+    pub mpp: Option<(f64, f64)>,
+    pub objective: Option<f64>,
+    pub manufacturer: Option<String>,
+}
+
 /// One DICOM WSI instance: a level (or a thumbnail, label, overview).
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -466,16 +475,10 @@ fn skip_item_elements<R: Read + Seek>(r: &mut R, depth: u32) -> std::io::Result<
 /// What a DICOM WSI upload is, from its instances: the pyramid of its VOLUME images, the
 /// resolution, objective and manufacturer of the base level.
 pub fn inspect(paths: &[std::path::PathBuf]) -> Result<super::SlideInfo, SlideError> {
-    let slide = super::read::TiledSlide::open_dicom(paths)?;
-    let base = paths
-        .iter()
-        .filter_map(|p| open_instance(p).ok())
-        .filter(|i| i.flavour == "VOLUME")
-        .max_by_key(|i| u64::from(i.width) * u64::from(i.height))
-        .ok_or_else(|| invalid("the DICOM upload has no VOLUME image"))?;
+    let (slide, base) = super::read::TiledSlide::open_dicom_series(paths)?;
     Ok(super::SlideInfo {
         format: "dicom-wsi".into(),
-        vendor: base.manufacturer.clone(),
+        vendor: base.manufacturer,
         levels: slide
             .levels
             .iter()

@@ -387,6 +387,14 @@ impl TiledSlide {
     /// Opens a DICOM WSI from its instances (one per level; thumbnails, labels and overviews are
     /// left out). All levels must be of one series and keep the base level's aspect ratio.
     pub fn open_dicom(paths: &[std::path::PathBuf]) -> Result<Self, SlideError> {
+        Self::open_dicom_series(paths).map(|(slide, _)| slide)
+    }
+
+    /// Like `open_dicom`, with what the base level's instance says about the slide (resolution,
+    /// objective, manufacturer), read in the same pass.
+    pub fn open_dicom_series(
+        paths: &[std::path::PathBuf],
+    ) -> Result<(Self, super::dicom::SeriesFacts), SlideError> {
         let mut instances = Vec::new();
         let mut skipped = None;
         for path in paths {
@@ -419,6 +427,11 @@ impl TiledSlide {
             });
         };
         let (series, base_width, base_height) = (base.series.clone(), base.width, base.height);
+        let facts = super::dicom::SeriesFacts {
+            mpp: base.mpp,
+            objective: base.objective,
+            manufacturer: base.manufacturer.clone(),
+        };
         let mut files = Vec::new();
         let mut levels: Vec<TiledLevel> = Vec::new();
         for (instance, file) in instances {
@@ -451,12 +464,13 @@ impl TiledSlide {
             });
             files.push(file);
         }
-        Ok(Self {
+        let slide = Self {
             files,
             levels,
             decoder: None,
             cache: Mutex::new(LruCache::new(CACHED_TILES)),
-        })
+        };
+        Ok((slide, facts))
     }
 }
 

@@ -109,22 +109,6 @@ impl Slide {
         self.reader.clone()
     }
 
-    /// The fast-path reader, when it reads this slide.
-    pub fn tiff(&self) -> Option<&TiledSlide> {
-        match &self.source {
-            Source::Tiff(t) => Some(t),
-            Source::OpenSlide(_) => None,
-        }
-    }
-
-    /// The OpenSlide reader, when it reads this slide.
-    pub fn openslide(&self) -> Option<&OpenSlideSlide> {
-        match &self.source {
-            Source::OpenSlide(s) => Some(s),
-            Source::Tiff(_) => None,
-        }
-    }
-
     /// A region of a level, in that level's pixels; white outside the slide.
     pub fn region(
         &self,

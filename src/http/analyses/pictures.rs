@@ -89,7 +89,7 @@ pub async fn heatmap(
     // A MIL model's tiles carry the head's attention.
     let measure = match (&model.manifest.slide, &model.manifest.mil) {
         (Some(s), _) => s.heatmap.clone(),
-        (None, Some(_)) => crate::jobs::worker::ATTENTION.to_owned(),
+        (None, Some(_)) => crate::domain::result::ATTENTION.to_owned(),
         (None, None) => return Err(ApiError::NotFound),
     };
     if measure.is_empty() {
