@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: deps
 	cargo run --release --locked -- serve
 
-test: deps
+test: deps target/fhir-venv/bin/python
 	cargo fmt --all -- --check
 	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 	SQLX_OFFLINE=true cargo test --locked --all-targets
@@ -52,6 +52,13 @@ $(ORT_LIB):
 		open('$@', 'wb').write(z.read('onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION)'))"
 	rm -rf $(ORT_DIR)/wheel
 	@echo "ONNX Runtime $(ORT_VERSION): $@"
+
+# The FHIR validator the tests run every Bundle they produce through (fhir.resources, pinned).
+target/fhir-venv/bin/python: tests/fhir/requirements.txt
+	@python3 -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-venv; }
+	rm -rf target/fhir-venv && python3 -m venv target/fhir-venv
+	target/fhir-venv/bin/pip install --quiet -r tests/fhir/requirements.txt
+	@touch $@
 
 # Regenerate the committed OpenAPI document from the code.
 openapi:

@@ -6,9 +6,11 @@ use crate::db::Database;
 use crate::inference::SessionOptions;
 use crate::jobs::completions::Completions;
 use crate::jobs::intake::Intake;
+use crate::jobs::webhooks::Deliverer;
 use crate::jobs::worker::Worker;
 use crate::registry::Registry;
 use crate::storage::BlobStore;
+use crate::telemetry::metrics::Metrics;
 use anyhow::Context;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -31,6 +33,7 @@ pub struct App {
     pub intake: Intake,
     /// Model files and slides.
     pub blobs: BlobStore,
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -56,6 +59,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     worker: Worker,
+    deliverer: Deliverer,
     database: Option<Database>,
 }
 
@@ -88,7 +92,14 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("ONKOS_LISTEN: cannot listen on {}", config.listen))?;
-        let worker = Worker::new(pool.clone(), Arc::clone(&registry), &config);
+        let metrics = Arc::new(Metrics::default());
+        let worker = Worker::new(
+            pool.clone(),
+            Arc::clone(&registry),
+            &config,
+            Arc::clone(&metrics),
+        );
+        let deliverer = Deliverer::new(pool.clone(), &config)?;
         let completions = Completions::default();
         let intake = Intake::start(pool.clone());
         let state = AppState(Arc::new(App {
@@ -99,11 +110,13 @@ impl Application {
             completions,
             intake,
             blobs,
+            metrics,
         }));
         Ok(Self {
             listener,
             state,
             worker,
+            deliverer,
             database: None,
         })
     }
@@ -123,11 +136,24 @@ impl Application {
         self.worker.clone()
     }
 
+    /// The webhook deliverer, for tests that step it explicitly.
+    pub fn deliverer(&self) -> Deliverer {
+        self.deliverer.clone()
+    }
+
     /// Runs only the worker (no HTTP) until `shutdown`: `onkos worker`, one of many sharing a database.
     pub async fn run_worker(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let poll = Duration::from_millis(self.state.config.worker_poll_ms);
         drop(self.listener);
+        let deliverer = self
+            .state
+            .config
+            .webhooks
+            .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
         self.worker.clone().run(shutdown, poll).await;
+        if let Some(deliverer) = deliverer {
+            deliverer.await?;
+        }
         if let Some(database) = self.database {
             database.close().await?;
         }
@@ -149,12 +175,20 @@ impl Application {
             let poll = Duration::from_millis(self.state.config.worker_poll_ms);
             tokio::spawn(self.worker.clone().run(shutdown.clone(), poll))
         });
+        let deliverer = self
+            .state
+            .config
+            .webhooks
+            .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await;
         shutdown.cancel();
         if let Some(worker) = worker {
             worker.await?;
+        }
+        if let Some(deliverer) = deliverer {
+            deliverer.await?;
         }
         completions.await?;
         if let Some(database) = self.database {

@@ -13,6 +13,9 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: String,
+    /// The URL clients reach this API at (behind a proxy), for identifiers and links in FHIR
+    /// output; unset: `http://` and the request's Host.
+    pub public_url: Option<String>,
     pub data_dir: PathBuf,
     /// External Postgres. Unset: a private cluster under `data_dir/postgres`.
     pub database_url: Option<String>,
@@ -71,6 +74,14 @@ pub struct Config {
     pub worker_max_attempts: u32,
     /// First retry delay; doubles per attempt (with jitter), capped at 5 minutes.
     pub worker_retry_base_ms: u64,
+    /// Deliver webhook events from this process (`serve` and `worker`).
+    pub webhooks: bool,
+    /// How long a webhook receiver may take to answer one delivery.
+    pub webhook_timeout_secs: u64,
+    /// Attempts per webhook delivery before it is recorded as failed.
+    pub webhook_max_attempts: u32,
+    /// First webhook retry delay; doubles per attempt (with jitter), capped at an hour.
+    pub webhook_retry_base_ms: u64,
     /// Longest `?wait=` a reader may ask for (it is also capped below the request timeout).
     pub max_wait_secs: u64,
     pub log: String,
@@ -93,6 +104,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            public_url: None,
             data_dir: "./var".into(),
             database_url: None,
             db_max_connections: 16,
@@ -127,6 +139,10 @@ impl Default for Config {
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,
             max_wait_secs: 50,
+            webhooks: true,
+            webhook_timeout_secs: 10,
+            webhook_max_attempts: 15,
+            webhook_retry_base_ms: 1000,
             log: "info".into(),
         }
     }
@@ -237,6 +253,12 @@ impl Config {
                 u64::from(self.worker_max_attempts),
             ),
             ("ONKOS_WORKER_RETRY_BASE_MS", self.worker_retry_base_ms),
+            ("ONKOS_WEBHOOK_TIMEOUT_SECS", self.webhook_timeout_secs),
+            (
+                "ONKOS_WEBHOOK_MAX_ATTEMPTS",
+                u64::from(self.webhook_max_attempts),
+            ),
+            ("ONKOS_WEBHOOK_RETRY_BASE_MS", self.webhook_retry_base_ms),
         ] {
             if value == 0 {
                 return bad(var, "must be greater than 0".into());
@@ -260,6 +282,14 @@ impl Config {
             max_attempts: i32::try_from(self.worker_max_attempts).unwrap_or(i32::MAX),
             base: Duration::from_millis(self.worker_retry_base_ms),
             cap: Duration::from_secs(300),
+        }
+    }
+
+    pub fn webhook_retry_policy(&self) -> crate::jobs::retry::RetryPolicy {
+        crate::jobs::retry::RetryPolicy {
+            max_attempts: i32::try_from(self.webhook_max_attempts).unwrap_or(i32::MAX),
+            base: Duration::from_millis(self.webhook_retry_base_ms),
+            cap: Duration::from_secs(3600),
         }
     }
 

@@ -5,6 +5,7 @@
 //! `inference`; `domain` does no I/O.
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -14,7 +15,9 @@ pub mod http;
 pub mod inference;
 pub mod jobs;
 pub mod registry;
+pub mod render;
 pub mod repo;
 pub mod shutdown;
 pub mod slides;
 pub mod storage;
+pub mod telemetry;

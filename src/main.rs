@@ -53,6 +53,11 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Audit tools.
+    Audit {
+        #[command(subcommand)]
+        action: AuditCommand,
+    },
     /// Measure ONNX Runtime's in-process throughput for a bundled model (rows per second), to
     /// show how much of an analysis is inference.
     BenchInference {
@@ -77,6 +82,17 @@ enum Command {
     /// isolates the C library, so a crash in it ends this process only).
     #[command(hide = true)]
     SlideReader { slide: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every tenant's provenance chain against the stored results; exits 1 when a link is
+    /// broken, naming the first broken analysis of each tenant.
+    Verify {
+        /// Check this tenant only.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -125,6 +141,31 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(&config);
             Database::open(&config).await?.close().await?;
             tracing::info!("migrations applied");
+        }
+        Command::Audit {
+            action: AuditCommand::Verify { tenant },
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_tracing(&config);
+            let database = Database::open(&config).await?;
+            let report = onkos::audit::verify(&database.pool, tenant.as_deref()).await;
+            database.close().await?;
+            let mut intact = true;
+            for chain in report? {
+                match chain.broken {
+                    None => println!("{}: {} links intact", chain.tenant, chain.links),
+                    Some((analysis, why)) => {
+                        intact = false;
+                        println!(
+                            "{}: BROKEN at analysis {analysis} after {} intact links: {why}",
+                            chain.tenant, chain.links
+                        );
+                    }
+                }
+            }
+            if !intact {
+                std::process::exit(1);
+            }
         }
         Command::Serve | Command::Api => {
             let mut config = Config::load(cli.config.as_deref())?;

@@ -3,4 +3,5 @@
 pub mod analysis;
 pub mod contract;
 pub mod ids;
+pub mod provenance;
 pub mod result;

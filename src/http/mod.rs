@@ -2,12 +2,15 @@
 //! and the guarantee that every error response is problem+json.
 
 pub mod analyses;
+pub mod audit;
 pub mod embeddings;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod slides;
+pub mod webhooks;
 
 use crate::app::AppState;
 use crate::error::{ApiError, PROBLEM_JSON};
@@ -27,6 +30,7 @@ use utoipa_swagger_ui::SwaggerUi;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
+    let tracked = state.clone();
     let timeout = state.config.request_timeout();
     let body_limit = state.config.body_limit_bytes;
     let model_limit = state.config.model_upload_limit_bytes;
@@ -67,11 +71,22 @@ pub fn router(state: AppState) -> Router {
             "/v1/analyses/{id}/evidence/{rank}",
             get(analyses::pictures::evidence),
         )
+        .route(
+            "/v1/analyses/{id}/provenance",
+            get(analyses::provenance::get),
+        )
+        .route("/v1/analyses/{id}/events", get(analyses::events::stream))
+        .route("/v1/analyses/{id}/fhir", get(analyses::fhir::get))
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::delete))
+        .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/v1/slides/{id}", get(slides::get))
         .route("/v1/embeddings/{id}", get(embeddings::get))
         .route("/v1/slides/{id}/thumbnail", get(slides::thumbnail))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(TimeoutLayer::with_status_code(
@@ -96,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(uploads)
         .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(middleware::from_fn_with_state(tracked, metrics::track))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::new())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

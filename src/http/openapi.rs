@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers; served at `/openapi.json` and committed
 //! at `openapi/openapi.json` (a test keeps the two equal).
 
-use crate::http::{analyses, embeddings, health, models, slides};
+use crate::http::{analyses, audit, embeddings, health, models, slides, webhooks};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -22,6 +22,14 @@ use utoipa::{Modify, OpenApi};
         analyses::pictures::heatmap,
         analyses::pictures::geojson,
         analyses::pictures::evidence,
+        analyses::provenance::get,
+        analyses::events::stream,
+        analyses::fhir::get,
+        audit::list,
+        webhooks::create,
+        webhooks::list,
+        webhooks::delete,
+        webhooks::deliveries,
         models::list,
         models::get,
         models::version,
@@ -34,7 +42,8 @@ use utoipa::{Modify, OpenApi};
         embeddings::upload,
         embeddings::get,
         health::healthz,
-        health::readyz
+        health::readyz,
+        crate::http::metrics::metrics
     ),
     components(schemas(crate::error::Problem, crate::domain::contract::FieldError, analyses::BatchAccepted)),
     modifiers(&BearerAuth),
@@ -43,6 +52,8 @@ use utoipa::{Modify, OpenApi};
         (name = "models", description = "The model catalogue: cards, input contracts, versions"),
         (name = "slides", description = "Whole-slide images: streamed upload, format and pyramid as read from the file"),
         (name = "embeddings", description = "Precomputed tile embeddings of a slide (safetensors), the input of a MIL model"),
+        (name = "webhooks", description = "Signed callbacks on analysis state changes, delivered from a durable outbox"),
+        (name = "audit", description = "The audit trail (admins)"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

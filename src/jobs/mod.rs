@@ -3,4 +3,5 @@
 pub mod completions;
 pub mod intake;
 pub mod retry;
+pub mod webhooks;
 pub mod worker;

@@ -16,6 +16,7 @@ use crate::repo;
 use crate::repo::jobs::{ClaimedJob, Outcome, Success};
 use crate::repo::slides::Key;
 use crate::slides::analyse::{Analysed, Plan, Stopped, TileScores, analyse};
+use crate::telemetry::metrics::Metrics;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -54,12 +55,18 @@ pub struct Worker {
     retry: RetryPolicy,
     slide_batch: usize,
     last_reap: Arc<std::sync::Mutex<Option<Instant>>>,
+    metrics: Arc<Metrics>,
 }
 
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Worker {
-    pub fn new(pool: PgPool, registry: Arc<Registry>, config: &Config) -> Self {
+    pub fn new(
+        pool: PgPool,
+        registry: Arc<Registry>,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             pool,
             registry,
@@ -70,6 +77,7 @@ impl Worker {
             retry: config.retry_policy(),
             slide_batch: config.slide_batch_tiles as usize,
             last_reap: Arc::default(),
+            metrics,
         }
     }
 
@@ -151,14 +159,46 @@ impl Worker {
             // The heartbeat stops before the outcome is stored, so that its update and the
             // storing transaction never hold the same rows in different orders.
             let heartbeat = self.heartbeat(&jobs);
+            self.metrics.batch_size.observe(jobs.len() as f64);
+            for job in &jobs {
+                self.metrics.stage("queue_wait", queue_wait_ms(job) / 1e3);
+            }
             let attempts = self
                 .run_batch(&model, &version, &jobs)
                 .instrument(span)
                 .await;
             drop(heartbeat);
+            self.observe_stages(&attempts);
+            let storing = Instant::now();
             finished += self.store(&jobs, attempts).await?;
+            self.metrics.stage("store", storing.elapsed().as_secs_f64());
         }
         Ok(finished)
+    }
+
+    /// Inference time once per batch (its analyses share one call), and slide reading per slide,
+    /// from the timings the attempts report.
+    fn observe_stages(&self, attempts: &[Attempt]) {
+        let timing = |timings: &serde_json::Value, key: &str| {
+            timings.get(key).and_then(serde_json::Value::as_f64)
+        };
+        let mut batch_infer = None;
+        for attempt in attempts {
+            if let Attempt::Done { timings, .. } = attempt {
+                if let Some(read) = timing(timings, "read_ms") {
+                    self.metrics.stage("read", read / 1e3);
+                }
+                match (timing(timings, "infer_ms"), timing(timings, "read_ms")) {
+                    // A slide: its own inference.
+                    (Some(infer), Some(_)) => self.metrics.stage("infer", infer / 1e3),
+                    (Some(infer), None) => batch_infer = Some(infer),
+                    (None, _) => {}
+                }
+            }
+        }
+        if let Some(infer) = batch_infer {
+            self.metrics.stage("infer", infer / 1e3);
+        }
     }
 
     /// Extends the leases every third of the lease until the returned guard is dropped.
@@ -366,6 +406,7 @@ impl Worker {
                 result.stages.tiles_per_second = analysed as f64 / (total_ms / 1e3).max(1e-9);
                 let timings = json!({
                     "queue_wait_ms": queue_wait_ms(job),
+                    "read_ms": result.stages.read_decode_ms,
                     "infer_ms": result.stages.infer_ms,
                     "batch_size": analysed,
                     "dispatch": "queue",
@@ -542,6 +583,7 @@ impl Worker {
         let mut tiles = Vec::new();
         let mut done = Vec::new();
         let mut stored = 0;
+        let mut counts = Counts::default();
         for (job, attempt) in jobs.iter().zip(attempts) {
             let (outcome, exhausted);
             match attempt {
@@ -582,8 +624,12 @@ impl Worker {
                 stored += 1;
                 if terminal {
                     done.push(job.analysis_id);
+                    counts.failed += 1;
+                } else {
+                    counts.retried += 1;
                 }
             } else {
+                counts.discarded += 1;
                 tracing::warn!(analysis = %job.analysis_id, "job cancelled or lease lost before its outcome was stored; discarded");
             }
         }
@@ -597,6 +643,8 @@ impl Worker {
                 );
             }
             stored += completed.len();
+            counts.succeeded = completed.len() as u64;
+            counts.discarded += (successes.len() - completed.len()) as u64;
             for (job, scores) in &tiles {
                 if completed.contains(&job.analysis_id) {
                     repo::jobs::store_tiles(&mut tx, job.analysis_id, &job.tenant_id, scores)
@@ -607,6 +655,10 @@ impl Worker {
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
         tx.commit().await?;
+        self.metrics.outcome("succeeded", counts.succeeded);
+        self.metrics.outcome("failed", counts.failed);
+        self.metrics.outcome("retried", counts.retried);
+        self.metrics.outcome("discarded", counts.discarded);
         Ok(stored)
     }
 
@@ -646,6 +698,15 @@ impl Worker {
         }
         tracing::info!(worker = %self.id, "worker stopped");
     }
+}
+
+/// Outcomes of one stored batch, for the metrics.
+#[derive(Debug, Default)]
+struct Counts {
+    succeeded: u64,
+    failed: u64,
+    retried: u64,
+    discarded: u64,
 }
 
 async fn listen(pool: &PgPool) -> Option<PgListener> {

@@ -174,6 +174,17 @@ pub async fn insert_with_jobs(
         )
         .execute(&mut *tx)
         .await?;
+        let stored: Vec<super::provenance::Stored> = done
+            .iter()
+            .filter_map(|(_, a)| {
+                a.finished.as_ref().map(|f| super::provenance::Stored {
+                    analysis_id: a.id.0,
+                    result: &f.result,
+                    execution_provider: &f.execution_provider,
+                })
+            })
+            .collect();
+        super::provenance::append(tx, &stored).await?;
     }
     Ok(())
 }
@@ -344,4 +355,33 @@ pub async fn cancel(
     .fetch_optional(&mut *tx)
     .await?;
     Ok(status.map_or(Cancelled::NotFound, Cancelled::AlreadyFinal))
+}
+
+/// Where an analysis stands, without its input or result: what a progress stream polls.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Standing {
+    pub status: String,
+    pub attempt: Option<i32>,
+    pub tiles_done: Option<i32>,
+    pub tiles_total: Option<i32>,
+    pub error: Option<String>,
+}
+
+pub async fn standing(
+    db: impl PgExecutor<'_>,
+    tenant: &TenantId,
+    id: AnalysisId,
+) -> sqlx::Result<Option<Standing>> {
+    sqlx::query_as!(
+        Standing,
+        r#"select case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
+                  j.attempts as "attempt?", j.progress_done as "tiles_done?", j.progress_total as "tiles_total?",
+                  a.error
+           from analyses a left join jobs j on j.analysis_id = a.id
+           where a.tenant_id = $1 and a.id = $2"#,
+        tenant.as_str(),
+        id.0,
+    )
+    .fetch_optional(db)
+    .await
 }

@@ -223,7 +223,7 @@ pub async fn complete_batch(
     let attempts: Vec<i32> = successes.iter().map(|s| s.job.attempts).collect();
     let results: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.result)).collect();
     let timings: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.timings)).collect();
-    sqlx::query_scalar!(
+    let completed = sqlx::query_scalar!(
         r#"with done as (
                update jobs j set state = 'done', lease_owner = null, lease_expires_at = null, last_error = null
                from unnest($2::uuid[], $3::int[]) as t(id, attempts)
@@ -248,7 +248,18 @@ pub async fn complete_batch(
         execution_provider,
     )
     .fetch_all(&mut *tx)
-    .await
+    .await?;
+    let stored: Vec<super::provenance::Stored> = successes
+        .iter()
+        .filter(|s| completed.contains(&s.job.analysis_id))
+        .map(|s| super::provenance::Stored {
+            analysis_id: s.job.analysis_id,
+            result: &s.result,
+            execution_provider,
+        })
+        .collect();
+    super::provenance::append(tx, &stored).await?;
+    Ok(completed)
 }
 
 /// Records a running slide job's progress; false when this worker no longer holds the job
@@ -297,4 +308,18 @@ pub async fn store_tiles(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Jobs waiting or running, by state and priority (`stat`, `routine`).
+pub async fn depth(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String, i64)>> {
+    Ok(sqlx::query!(
+        r#"select state as "state!", case priority when 0 then 'stat' else 'routine' end as "priority!",
+                  count(*) as "count!"
+           from jobs where state in ('queued', 'running') group by 1, 2"#
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.state, r.priority, r.count))
+    .collect())
 }

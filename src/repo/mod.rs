@@ -6,7 +6,9 @@ pub mod embeddings;
 pub mod idempotency;
 pub mod jobs;
 pub mod models;
+pub mod provenance;
 pub mod slides;
+pub mod webhooks;
 
 /// The channel the API notifies when it queues work; workers LISTEN on it.
 pub const JOBS_CHANNEL: &str = "onkos_jobs";

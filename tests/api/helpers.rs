@@ -99,6 +99,8 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         ),
         execution_provider: "cpu".into(),
         worker: false,
+        // Tests step webhook delivery themselves.
+        webhooks: false,
         // OpenSlide runs in child processes of onkos itself, not of the test binary.
         slide_reader: Some(PathBuf::from(env!("CARGO_BIN_EXE_onkos"))),
         ..Config::default()
@@ -111,6 +113,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub pool: PgPool,
     pub worker: Worker,
+    pub deliverer: onkos::jobs::webhooks::Deliverer,
     pub keys: DevKeys,
     pub config: Config,
     /// The test database, as another process would reach it.
@@ -134,6 +137,7 @@ impl TestApp {
             .expect("build the application");
         let base = format!("http://{}", app.local_addr());
         let worker = app.worker();
+        let deliverer = app.deliverer();
         let keys = DevKeys::load_or_create(&config.keys_dir()).unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
@@ -145,6 +149,7 @@ impl TestApp {
                 .unwrap(),
             pool,
             worker,
+            deliverer,
             keys,
             config,
             database_url,

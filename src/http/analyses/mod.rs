@@ -1,7 +1,10 @@
 //! `/v1/analyses`: submit analyses (one as JSON, many as CSV), read, wait for, list and cancel them.
 
 pub mod cancel;
+pub mod events;
+pub mod fhir;
 pub mod pictures;
+pub mod provenance;
 pub mod read;
 pub mod submit;
 

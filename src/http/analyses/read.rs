@@ -35,7 +35,7 @@ pub struct GetParams {
     params(("id" = Uuid, Path, description = "The analysis id"), GetParams),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The analysis", body = AnalysisView),
+        (status = 200, description = "The analysis (as a FHIR R4 Bundle with `Accept: application/fhir+json`)", body = AnalysisView),
         (status = 400, description = "`wait` is not a duration", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token has no onkos role", body = Problem, content_type = "application/problem+json"),
@@ -46,8 +46,9 @@ pub async fn get(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     params: Result<Query<GetParams>, QueryRejection>,
-) -> ApiResult<Json<AnalysisView>> {
+) -> ApiResult<axum::response::Response> {
     principal.require(&[Role::Submitter, Role::Clinician, Role::Admin])?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let id = Uuid::parse_str(&id)
@@ -62,7 +63,11 @@ pub async fn get(
         .min(state.config.max_wait());
     let done = state.completions.subscribe();
     let record = read_when_final(&state, &principal, id, wait, done, false).await?;
-    Ok(Json(view(&state, record).await?))
+    let view = view(&state, record).await?;
+    if super::fhir::wants_fhir(&headers) {
+        return Ok(super::fhir::fhir_response(&state, &headers, &view));
+    }
+    Ok(axum::response::IntoResponse::into_response(Json(view)))
 }
 
 pub(crate) fn parse_wait(raw: &str) -> Result<Duration, ApiError> {

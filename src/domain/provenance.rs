@@ -1,0 +1,203 @@
+//! Provenance: what produced a result, as a record with a digest, chained per tenant so that
+//! changing any stored result (or its record, or removing one) breaks every later link.
+//!
+//! Digests are sha256, in lowercase hex, over the record's canonical JSON: keys sorted, no
+//! whitespace, numbers as serde_json writes them. The chain digest of a result is
+//! `sha256(previous_chain_sha256 ++ record_sha256)` over the two hex strings; the first result of a
+//! tenant chains to [`GENESIS`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The chain digest before a tenant's first result.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The version of the code that produced a result: `git describe` at build time.
+pub const CODE_VERSION: &str = env!("BUILD_CODE_VERSION");
+
+/// Everything that determined one result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProvenanceRecord {
+    pub analysis_id: Uuid,
+    pub tenant: String,
+    /// sha256 of the canonical input (as `input_sha256` on the analysis).
+    pub input_sha256: String,
+    pub model_name: String,
+    pub model_version: String,
+    /// sha256 of the ONNX file that ran.
+    pub model_sha256: String,
+    /// sha256 of the model's manifest as registered.
+    pub manifest_sha256: String,
+    /// `git describe` of the onkos build that ran it.
+    pub code_version: String,
+    /// The ONNX Runtime execution provider that ran it.
+    pub execution_provider: String,
+    /// sha256 of the stored result document's canonical JSON.
+    pub result_sha256: String,
+}
+
+impl ProvenanceRecord {
+    pub fn digest(&self) -> String {
+        sha256_hex(&canonical_json(
+            &serde_json::to_value(self).unwrap_or(Value::Null),
+        ))
+    }
+}
+
+/// The canonical JSON of a document: serde_json's `Value` keeps object keys sorted (the crate is
+/// built without `preserve_order`), and `to_vec` writes no whitespace.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The digest of a result document.
+pub fn result_digest(result: &Value) -> String {
+    sha256_hex(&canonical_json(result))
+}
+
+/// The chain digest of a record that follows `previous`.
+pub fn chain(previous: &str, record_sha256: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(previous.as_bytes());
+    hasher.update(record_sha256.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// One stored link, with what is stored now for its analysis.
+#[derive(Debug)]
+pub struct StoredLink<'a> {
+    pub seq: i64,
+    pub record: &'a Value,
+    pub record_sha256: &'a str,
+    pub previous_sha256: &'a str,
+    pub chain_sha256: &'a str,
+    /// The analysis's input digest now; `None` when the analysis is gone.
+    pub input_sha256: Option<&'a str>,
+    /// The stored result now; `None` when it is gone.
+    pub result: Option<&'a Value>,
+}
+
+/// Checks one link against the link before it: the record still describes what is stored, its
+/// digests are what they claim, and it follows `previous` at position `seq`. The reason names the
+/// first thing that does not hold.
+pub fn check(previous: &str, seq: i64, link: &StoredLink) -> Result<(), String> {
+    if link.seq != seq {
+        return Err(format!(
+            "link {} found where link {seq} was expected: a link is missing",
+            link.seq
+        ));
+    }
+    if link.previous_sha256 != previous {
+        return Err("does not follow the link before it (previous digest differs)".into());
+    }
+    let record: ProvenanceRecord = serde_json::from_value(link.record.clone())
+        .map_err(|e| format!("the stored record is not a provenance record: {e}"))?;
+    if record.digest() != link.record_sha256 {
+        return Err("the stored record was changed (its digest differs)".into());
+    }
+    if chain(previous, link.record_sha256) != link.chain_sha256 {
+        return Err("the chain digest was changed".into());
+    }
+    match link.input_sha256 {
+        None => return Err("the analysis was deleted".into()),
+        Some(input) if input != record.input_sha256 => {
+            return Err("the analysis's input digest was changed".into());
+        }
+        Some(_) => {}
+    }
+    match link.result {
+        None => Err("the result was deleted".into()),
+        Some(result) if result_digest(result) != record.result_sha256 => {
+            Err("the stored result was changed after it was recorded".into())
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record() -> ProvenanceRecord {
+        ProvenanceRecord {
+            analysis_id: Uuid::nil(),
+            tenant: "t".into(),
+            input_sha256: "a".repeat(64),
+            model_name: "m".into(),
+            model_version: "1".into(),
+            model_sha256: "b".repeat(64),
+            manifest_sha256: "c".repeat(64),
+            code_version: "v".into(),
+            execution_provider: "CPUExecutionProvider".into(),
+            result_sha256: result_digest(&json!({"b": 1, "a": [0.5, "x"]})),
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let value = json!({"z": {"b": 1, "a": 2}, "a": [ {"d": 1, "c": 2} ]});
+        assert_eq!(
+            String::from_utf8(canonical_json(&value)).unwrap_or_default(),
+            r#"{"a":[{"c":2,"d":1}],"z":{"a":2,"b":1}}"#
+        );
+    }
+
+    #[test]
+    fn a_result_read_back_from_text_has_the_same_digest() {
+        let result = json!({"probability": 0.30000000000000004, "tiny": 1e-7, "big": 1e20, "n": 3});
+        let reread: Value = serde_json::from_str(
+            r#"{"n": 3, "big": 100000000000000000000, "tiny": 0.0000001, "probability": 0.30000000000000004}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(result_digest(&result), result_digest(&reread));
+    }
+
+    #[test]
+    fn every_field_changes_the_record_digest() {
+        let base = record();
+        let mut changed = base.clone();
+        changed.execution_provider = "CUDAExecutionProvider".into();
+        assert_ne!(base.digest(), changed.digest());
+        let mut changed = base.clone();
+        changed.result_sha256 = result_digest(&json!({"b": 2, "a": [0.5, "x"]}));
+        assert_ne!(base.digest(), changed.digest());
+    }
+
+    #[test]
+    fn check_accepts_an_intact_link_and_names_a_changed_result() {
+        let record = record();
+        let stored = serde_json::to_value(&record).unwrap_or_default();
+        let digest = record.digest();
+        let result = json!({"b": 1, "a": [0.5, "x"]});
+        let mut link = StoredLink {
+            seq: 1,
+            record: &stored,
+            record_sha256: &digest,
+            previous_sha256: GENESIS,
+            chain_sha256: &chain(GENESIS, &digest),
+            input_sha256: Some(&record.input_sha256),
+            result: Some(&result),
+        };
+        assert_eq!(check(GENESIS, 1, &link), Ok(()));
+        assert!(check(GENESIS, 2, &link).is_err_and(|e| e.contains("missing")));
+        let tampered = json!({"b": 1, "a": [0.6, "x"]});
+        link.result = Some(&tampered);
+        assert!(check(GENESIS, 1, &link).is_err_and(|e| e.contains("result was changed")));
+    }
+
+    #[test]
+    fn chain_depends_on_order() {
+        let (a, b) = ("1".repeat(64), "2".repeat(64));
+        let ab = chain(&chain(GENESIS, &a), &b);
+        let ba = chain(&chain(GENESIS, &b), &a);
+        assert_ne!(ab, ba);
+        assert_eq!(ab.len(), 64);
+    }
+}

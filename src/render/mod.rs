@@ -1,0 +1,3 @@
+//! Pure renderings of stored analyses into other formats.
+
+pub mod fhir;
