@@ -85,6 +85,11 @@ pub struct Config {
     /// Longest `?wait=` a reader may ask for (it is also capped below the request timeout).
     pub max_wait_secs: u64,
     pub log: String,
+    /// `text` or `json` (one JSON object per line, with the request id and trace id of its span).
+    pub log_format: String,
+    /// OTLP/HTTP traces endpoint, e.g. `http://collector:4318/v1/traces`; unset: traces are not
+    /// exported (their ids still correlate log lines and stored jobs).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -144,6 +149,8 @@ impl Default for Config {
             webhook_max_attempts: 15,
             webhook_retry_base_ms: 1000,
             log: "info".into(),
+            log_format: "text".into(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -216,6 +223,20 @@ impl Config {
             return bad(
                 "DATABASE_URL",
                 "must start with postgres:// or postgresql://".into(),
+            );
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return bad(
+                "ONKOS_LOG_FORMAT",
+                format!("{:?} is not text or json", self.log_format),
+            );
+        }
+        if let Some(url) = &self.otlp_endpoint
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad(
+                "ONKOS_OTLP_ENDPOINT",
+                "must be an http:// or https:// URL".into(),
             );
         }
         if !["auto", "cpu"].contains(&self.execution_provider.as_str()) {

@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref())?;
-            init_tracing(&config);
+            let _telemetry = onkos::telemetry::tracing::init(&config)?;
             Database::open(&config).await?.close().await?;
             tracing::info!("migrations applied");
         }
@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
             action: AuditCommand::Verify { tenant },
         } => {
             let config = Config::load(cli.config.as_deref())?;
-            init_tracing(&config);
+            let _telemetry = onkos::telemetry::tracing::init(&config)?;
             let database = Database::open(&config).await?;
             let report = onkos::audit::verify(&database.pool, tenant.as_deref()).await;
             database.close().await?;
@@ -170,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve | Command::Api => {
             let mut config = Config::load(cli.config.as_deref())?;
             config.worker &= matches!(cli.command, Command::Serve);
-            init_tracing(&config);
+            let _telemetry = onkos::telemetry::tracing::init(&config)?;
             let shutdown = onkos::shutdown::on_signal();
             Application::build(config).await?.run(shutdown).await?;
         }
@@ -182,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
             );
             // A worker serves no HTTP; bind an ephemeral loopback port so it never collides with an API.
             config.listen = "127.0.0.1:0".into();
-            init_tracing(&config);
+            let _telemetry = onkos::telemetry::tracing::init(&config)?;
             let shutdown = onkos::shutdown::on_signal();
             Application::build(config)
                 .await?
@@ -222,13 +222,4 @@ fn mint(
         roles,
         ttl,
     )
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -125,7 +125,19 @@ pub fn router(state: AppState) -> Router {
                 .get(REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), route, request_id)
+            let span = tracing::info_span!(
+                "request",
+                method = %req.method(),
+                route,
+                request_id,
+                trace_id = tracing::field::Empty
+            );
+            // A caller's `traceparent` makes this request part of its trace.
+            crate::telemetry::tracing::join(
+                &span,
+                crate::telemetry::tracing::remote_context(req.headers()),
+            );
+            span
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

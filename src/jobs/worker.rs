@@ -16,6 +16,7 @@ use crate::repo;
 use crate::repo::jobs::{ClaimedJob, Outcome, Success};
 use crate::repo::slides::Key;
 use crate::slides::analyse::{Analysed, Plan, Stopped, TileScores, analyse};
+use crate::telemetry;
 use crate::telemetry::metrics::Metrics;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -154,24 +155,37 @@ impl Worker {
             }
         }
         for ((model, version), jobs) in groups {
-            let span =
-                tracing::info_span!("batch", model = %model, version = %version, size = jobs.len());
+            let span = batch_span(&model, &version, &jobs);
+            // Started outside the batch's span: a task spawned inside it would keep the span open.
             // The heartbeat stops before the outcome is stored, so that its update and the
             // storing transaction never hold the same rows in different orders.
             let heartbeat = self.heartbeat(&jobs);
-            self.metrics.batch_size.observe(jobs.len() as f64);
-            for job in &jobs {
-                self.metrics.stage("queue_wait", queue_wait_ms(job) / 1e3);
+            finished += async {
+                // The claim already happened; this marks it in the submission's trace.
+                tracing::info_span!(
+                    "claim",
+                    worker = %self.id,
+                    attempt = jobs[0].attempts,
+                    queue_wait_ms = queue_wait_ms(&jobs[0])
+                )
+                .in_scope(|| {});
+                self.metrics.batch_size.observe(jobs.len() as f64);
+                for job in &jobs {
+                    self.metrics.stage("queue_wait", queue_wait_ms(job) / 1e3);
+                }
+                let attempts = self.run_batch(&model, &version, &jobs).await;
+                drop(heartbeat);
+                self.observe_stages(&attempts);
+                let storing = Instant::now();
+                let stored = self
+                    .store(&jobs, attempts)
+                    .instrument(tracing::info_span!("store"))
+                    .await?;
+                self.metrics.stage("store", storing.elapsed().as_secs_f64());
+                Ok::<usize, anyhow::Error>(stored)
             }
-            let attempts = self
-                .run_batch(&model, &version, &jobs)
-                .instrument(span)
-                .await;
-            drop(heartbeat);
-            self.observe_stages(&attempts);
-            let storing = Instant::now();
-            finished += self.store(&jobs, attempts).await?;
-            self.metrics.stage("store", storing.elapsed().as_secs_f64());
+            .instrument(span)
+            .await?;
         }
         Ok(finished)
     }
@@ -225,7 +239,12 @@ impl Worker {
     }
 
     async fn run_batch(&self, name: &str, version: &str, jobs: &[ClaimedJob]) -> Vec<Attempt> {
-        let model = match self.registry.version(name, version).await {
+        let model = match self
+            .registry
+            .version(name, version)
+            .instrument(tracing::info_span!("load"))
+            .await
+        {
             Ok(model) => model,
             Err(e) => {
                 // The reason (paths, storage errors) goes to the log, not into the stored result.
@@ -237,10 +256,11 @@ impl Worker {
         if model.manifest.slide.is_some() || model.manifest.mil.is_some() {
             let mut attempts = Vec::with_capacity(jobs.len());
             for job in jobs {
+                let span = tracing::info_span!("infer", analysis = %job.analysis_id);
                 attempts.push(if model.manifest.mil.is_some() {
-                    self.run_bag(&model, job).await
+                    self.run_bag(&model, job).instrument(span).await
                 } else {
-                    self.run_slide(&model, job).await
+                    self.run_slide(&model, job).instrument(span).await
                 });
             }
             return attempts;
@@ -278,8 +298,12 @@ impl Worker {
             Ok(Vec::new())
         } else {
             let model = Arc::clone(&model);
+            // Entered around the await, not on the blocking thread: entered there (with
+            // tracing-opentelemetry 0.34), it kept the batch span from ever closing, so the batch
+            // was never exported and its span data never freed.
             let span = tracing::info_span!("infer", rows = batch_size);
-            match tokio::task::spawn_blocking(move || span.in_scope(|| model.onnx.predict(&rows)))
+            match tokio::task::spawn_blocking(move || model.onnx.predict(&rows))
+                .instrument(span)
                 .await
             {
                 Ok(result) => result.map_err(|e| format!("{e:#}")),
@@ -698,6 +722,31 @@ impl Worker {
         }
         tracing::info!(worker = %self.id, "worker stopped");
     }
+}
+
+/// The span of one batch: in the trace of the request that queued its first job, and linked to
+/// the traces of the others (a batch serves many requests; a span has one parent).
+fn batch_span(model: &str, version: &str, jobs: &[ClaimedJob]) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "batch",
+        model,
+        version,
+        size = jobs.len(),
+        trace_id = tracing::field::Empty
+    );
+    let mut contexts = jobs.iter().filter_map(|j| j.traceparent.as_deref());
+    let parent = contexts
+        .next()
+        .map(telemetry::tracing::stored_context)
+        .unwrap_or_default();
+    telemetry::tracing::join(&span, parent);
+    for traceparent in contexts {
+        use opentelemetry::trace::TraceContextExt;
+        let linked = telemetry::tracing::stored_context(traceparent);
+        span.add_link(linked.span().span_context().clone());
+    }
+    span
 }
 
 /// Outcomes of one stored batch, for the metrics.

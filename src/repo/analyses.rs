@@ -45,6 +45,8 @@ pub struct Submission {
     pub max_attempts: i32,
     /// False for slide analyses: their jobs are claimed one at a time, never batched.
     pub batchable: bool,
+    /// The W3C traceparent of the submitting request, stored with the jobs.
+    pub traceparent: Option<String>,
 }
 
 /// Writes the analyses of one or more submissions inside the caller's transaction, with one
@@ -124,15 +126,18 @@ pub async fn insert_with_jobs(
             .collect();
         let attempts: Vec<i32> = queued.iter().map(|(s, _)| s.max_attempts).collect();
         let batchable: Vec<bool> = queued.iter().map(|(s, _)| s.batchable).collect();
+        let traceparents: Vec<Option<String>> =
+            queued.iter().map(|(s, _)| s.traceparent.clone()).collect();
         sqlx::query!(
-            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable)
-             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[], $6::bool[])",
+            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable, traceparent)
+             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[], $6::bool[], $7::text[])",
             &ids,
             &column(&|s| s.tenant.as_str().to_owned()),
             &column(&|s| s.model_name.clone()),
             &ranks,
             &attempts,
             &batchable,
+            &traceparents as &[Option<String>],
         )
         .execute(&mut *tx)
         .await?;

@@ -21,6 +21,8 @@ pub struct ClaimedJob {
     pub input: Value,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
+    /// The W3C traceparent of the request that queued it.
+    pub traceparent: Option<String>,
 }
 
 /// Claims up to `limit` runnable jobs of one model — the model of the most urgent runnable job —
@@ -64,12 +66,13 @@ pub async fn claim(
                    lease_expires_at = now() + make_interval(secs => $3),
                    started_at = coalesce(j.started_at, now())
                from picked where j.analysis_id = picked.analysis_id
-               returning j.analysis_id, j.tenant_id, j.attempts, j.max_attempts, j.model_name, j.started_at
+               returning j.analysis_id, j.tenant_id, j.attempts, j.max_attempts, j.model_name, j.started_at,
+                         j.traceparent
            )
            select c.analysis_id as "analysis_id!", c.tenant_id as "tenant_id!", c.attempts as "attempts!",
                   c.max_attempts as "max_attempts!", c.model_name as "model_name!",
                   a.model_version as "model_version!", a.input as "input!",
-                  a.created_at as "created_at!", c.started_at
+                  a.created_at as "created_at!", c.started_at, c.traceparent
            from claimed c join analyses a on a.id = c.analysis_id"#,
         limit,
         worker,

@@ -20,4 +20,5 @@ mod registry;
 mod slides;
 mod startup;
 mod tenancy;
+mod tracing;
 mod webhooks;

@@ -168,6 +168,7 @@ pub async fn create(
         batch_id: prepared.batch_id,
         max_attempts: state.retry_max_attempts(),
         batchable: manifest.slide.is_none() && manifest.mil.is_none(),
+        traceparent: crate::telemetry::tracing::current_traceparent(),
     };
     let first_id = prepared.analyses[0].id;
     // A waiting submitter of one case on a process with a worker: run it now (microseconds for a
