@@ -95,7 +95,7 @@ impl Default for Metrics {
         let analyses = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "analyses",
-            "Analyses finished by this process's worker, by outcome",
+            "Analyses finished by this process (its worker, or inline at submission), by outcome",
             analyses.clone(),
         );
         let queue_depth = Family::<QueueLabels, Gauge>::default();

@@ -125,6 +125,11 @@ async fn classification_survival_and_slide_results_are_valid_fhir_bundles() {
             .await
             .unwrap();
         assert_eq!(negotiated, bundle, "{name}");
+        // Every kind of result, slides included, keeps a provenance record that still matches.
+        let provenance = app
+            .get_json(&format!("/v1/analyses/{id}/provenance"), &token)
+            .await;
+        assert_eq!(provenance["intact"], true, "{name}: {provenance}");
         bundles.push((name.to_owned(), bundle));
     }
     let classification = &bundles[1].1;

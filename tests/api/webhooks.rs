@@ -405,3 +405,95 @@ async fn a_cancel_ends_the_event_stream() {
         .collect();
     assert_eq!(statuses, ["queued", "cancelled"]);
 }
+
+/// Reads one event from an open stream (waiting for it), skipping keep-alive comments.
+async fn next_event(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    buffer: &mut String,
+) -> (String, Value) {
+    use futures_util::StreamExt;
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    name = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).unwrap());
+                }
+            }
+            if let (Some(name), Some(data)) = (name, data) {
+                return (name, data);
+            }
+            continue;
+        }
+        let chunk = stream
+            .next()
+            .await
+            .expect("the stream ended early")
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_slide_analysis_streams_its_progress_between_tile_batches() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let slide = crate::slides::uploaded(&app, &token, "aperio-cmu1-small-region.svs").await;
+    let id = app
+        .submit_to(
+            &token,
+            &json!({"model": crate::slides::STAIN, "slide": slide}),
+        )
+        .await;
+    let response = app
+        .client
+        .get(format!("{}/v1/analyses/{id}/events", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let (kind, first) = next_event(&mut stream, &mut buffer).await;
+    assert_eq!(
+        (kind.as_str(), &first["status"]),
+        ("status", &json!("queued"))
+    );
+
+    let claimed = app.worker.claim().await.unwrap();
+    let worker = app.worker.id();
+    assert!(
+        onkos::repo::jobs::progress(&app.pool, &claimed[0], worker, 16, 51)
+            .await
+            .unwrap()
+    );
+    let (kind, running) = next_event(&mut stream, &mut buffer).await;
+    assert_eq!(kind, "status");
+    assert_eq!(running["status"], "running");
+    assert_eq!(
+        (
+            running["tiles_done"].as_i64(),
+            running["tiles_total"].as_i64()
+        ),
+        (Some(16), Some(51))
+    );
+    assert!(
+        onkos::repo::jobs::progress(&app.pool, &claimed[0], worker, 32, 51)
+            .await
+            .unwrap()
+    );
+    let (kind, progress) = next_event(&mut stream, &mut buffer).await;
+    assert_eq!(kind, "progress");
+    assert_eq!(progress["tiles_done"], 32);
+
+    assert_eq!(app.worker.process(claimed).await.unwrap(), 1);
+    let (kind, done) = next_event(&mut stream, &mut buffer).await;
+    assert_eq!(
+        (kind.as_str(), &done["status"]),
+        ("status", &json!("succeeded"))
+    );
+}

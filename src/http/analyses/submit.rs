@@ -221,6 +221,7 @@ pub async fn create(
     };
     tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, finished, "analyses stored");
     if finished {
+        state.metrics.outcome("succeeded", 1);
         // Answered from what was just committed, as a read of it would return it.
         let record = finished_record(
             &submission,
@@ -279,13 +280,19 @@ async fn run_inline(
         (started_at, outcome, now())
     });
     match run.await {
-        Ok((started_at, Ok((result, timings)), finished_at)) => Some(Finished {
-            result,
-            timings,
-            execution_provider: state.registry.provider().to_owned(),
-            created_at,
-            started_at,
-            finished_at,
+        Ok((started_at, Ok((result, timings)), finished_at)) => Some({
+            if let Some(infer_ms) = timings.get("infer_ms").and_then(Value::as_f64) {
+                state.metrics.stage("infer", infer_ms / 1e3);
+            }
+            state.metrics.batch_size.observe(1.0);
+            Finished {
+                result,
+                timings,
+                execution_provider: state.registry.provider().to_owned(),
+                created_at,
+                started_at,
+                finished_at,
+            }
         }),
         Ok((_, Err(e), _)) => {
             tracing::warn!(error = %e, "inline run failed; the analysis goes to the queue");
