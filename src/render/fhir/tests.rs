@@ -1,7 +1,6 @@
 //! The FHIR rendering of each kind of result and analysis state. Every coding and UCUM unit is
-//! checked against `tests/fhir/codes.json`, the table the external validator uses. With
-//! `FHIR_BUNDLES_OUT=dir` set, each rendered Bundle is also written there for
-//! `tests/fhir/validate.py`.
+//! checked against `tests/fhir/codes.json`, the table the external validator uses, and every
+//! rendered Bundle is run through that validator, `tests/fhir/validate.py`.
 #![allow(clippy::unwrap_used)]
 
 mod fixtures;
@@ -295,24 +294,49 @@ fn subjects_become_references_only_when_they_are_fhir_references() {
 /// not in the table: every coding's system and code are listed (display matching), every UCUM
 /// code is listed, and every local code is in the table and the other way round.
 #[test]
-fn every_code_and_unit_is_in_the_validator_table_and_every_bundle_is_written_when_asked() {
+fn every_code_and_unit_is_in_the_validator_table() {
     let table: Value = serde_json::from_str(&read("tests/fhir/codes.json")).unwrap();
     let table = &table["codes"];
-    let out = std::env::var_os("FHIR_BUNDLES_OUT");
     for (name, b) in rendered() {
         let mut problems = Vec::new();
-        walk(b.clone(), table, &mut problems);
+        walk(b, table, &mut problems);
         assert!(problems.is_empty(), "{name}: {problems:#?}");
-        if let Some(dir) = &out {
-            let path = std::path::Path::new(dir).join(format!("{name}.json"));
-            std::fs::write(path, serde_json::to_vec_pretty(&b).unwrap()).unwrap();
-        }
     }
     let local = table[ONKOS].as_object().unwrap();
     assert_eq!(local.len(), LOCAL.len());
     for (code, display) in LOCAL {
         assert_eq!(local[*code], *display, "{code}");
     }
+}
+
+/// Every Bundle these tests render also passes the external validator (`fhir.resources` R4B
+/// models and the code table), which `make test` installs in target/fhir-venv.
+#[test]
+fn every_rendered_bundle_passes_the_fhir_validator() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundles = rendered();
+    for (name, b) in &bundles {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(path, serde_json::to_vec_pretty(b).unwrap()).unwrap();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("FHIR_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/fhir-venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test` (it installs tests/fhir/requirements.txt) or set FHIR_PYTHON",
+        python.display()
+    );
+    let output = std::process::Command::new(python)
+        .arg(root.join("tests/fhir/validate.py"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert_eq!(text.matches("OK ").count(), bundles.len(), "{text}");
 }
 
 fn walk(v: Value, table: &Value, problems: &mut Vec<String>) {
