@@ -74,12 +74,7 @@ impl Application {
 
     /// Builds on an existing, migrated pool (tests give each test its own database).
     pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<Self> {
-        let options = SessionOptions {
-            env: crate::inference::init_runtime(config.ort_dylib_path.as_deref())?,
-            try_cuda: config.execution_provider == "auto",
-            threads: config.inference_threads,
-            slide_threads: config.slide_inference_threads,
-        };
+        let options = SessionOptions::from_config(&config)?;
         let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
         if let Some(program) = &config.slide_reader {
             crate::slides::openslide::set_reader_program(program.clone());

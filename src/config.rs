@@ -49,8 +49,18 @@ pub struct Config {
     pub models_dir: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.x`).
     pub ort_dylib_path: Option<PathBuf>,
-    /// `auto` tries CUDA and falls back to CPU; `cpu` never tries CUDA.
+    /// `auto` tries CUDA and falls back to CPU with a warning; `cuda` requires it (start-up stops
+    /// with ONNX Runtime's reason when it does not register); `cpu` never tries CUDA.
     pub execution_provider: String,
+    /// The GPU sessions run on.
+    pub cuda_device_id: i32,
+    /// Cap on the CUDA memory arena of each session, in bytes; unset: no cap.
+    pub cuda_memory_limit_bytes: Option<usize>,
+    /// Folder whose CUDA libraries (cudart, cublas, cublasLt, cufft) are loaded before ONNX Runtime
+    /// looks for them (e.g. the nvidia-*-cu13 wheels' `lib` folders, or a CUDA install).
+    pub cuda_library_dir: Option<PathBuf>,
+    /// Folder whose cuDNN 9 libraries are loaded before ONNX Runtime looks for them.
+    pub cudnn_library_dir: Option<PathBuf>,
     pub inference_threads: usize,
     /// Intra-op threads of slide models' sessions (a worker runs one slide at a time, with its tile
     /// decoding beside it); 0: ONNX Runtime's default, one per physical core.
@@ -131,6 +141,10 @@ impl Default for Config {
             models_dir: "./models".into(),
             ort_dylib_path: None,
             execution_provider: "auto".into(),
+            cuda_device_id: 0,
+            cuda_memory_limit_bytes: None,
+            cuda_library_dir: None,
+            cudnn_library_dir: None,
             inference_threads: 1,
             slide_inference_threads: 0,
             worker: true,
@@ -239,10 +253,22 @@ impl Config {
                 "must be an http:// or https:// URL".into(),
             );
         }
-        if !["auto", "cpu"].contains(&self.execution_provider.as_str()) {
+        if !["auto", "cuda", "cpu"].contains(&self.execution_provider.as_str()) {
             return bad(
                 "ONKOS_EXECUTION_PROVIDER",
-                format!("{:?} is not auto or cpu", self.execution_provider),
+                format!("{:?} is not auto, cuda or cpu", self.execution_provider),
+            );
+        }
+        if self.cuda_device_id < 0 {
+            return bad(
+                "ONKOS_CUDA_DEVICE_ID",
+                format!("{} is not a device number", self.cuda_device_id),
+            );
+        }
+        if self.cuda_memory_limit_bytes == Some(0) {
+            return bad(
+                "ONKOS_CUDA_MEMORY_LIMIT_BYTES",
+                "must be greater than 0 (unset it for no cap)".into(),
             );
         }
         for (var, value) in [

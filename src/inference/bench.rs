@@ -1,7 +1,7 @@
 //! In-process inference throughput for a bundled model: the ceiling that the queue, the database
 //! and HTTP are measured against in the benchmark.
 
-use super::{OnnxModel, SessionOptions, init_runtime};
+use super::{OnnxModel, SessionOptions};
 use crate::config::Config;
 use crate::domain::contract::Manifest;
 use anyhow::Context;
@@ -20,12 +20,7 @@ pub fn bundled_throughput(
         &std::fs::read(folder.join("manifest.json")).context("manifest.json")?,
     )?;
     let bytes = std::fs::read(folder.join(&manifest.onnx.file))?;
-    let options = SessionOptions {
-        env: init_runtime(config.ort_dylib_path.as_deref())?,
-        try_cuda: config.execution_provider == "auto",
-        threads: config.inference_threads,
-        slide_threads: config.slide_inference_threads,
-    };
+    let options = SessionOptions::from_config(config)?;
     let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), &options)?;
     let references: Vec<Value> =
         serde_json::from_slice(&std::fs::read(folder.join("reference_predictions.json"))?)?;

@@ -45,17 +45,70 @@ pub type Provider = &'static str;
 pub const CPU: Provider = "CPUExecutionProvider";
 pub const CUDA: Provider = "CUDAExecutionProvider";
 
-/// How sessions are built: the process's environment, whether to try CUDA, intra-op threads.
+/// Which execution provider sessions use (`ONKOS_EXECUTION_PROVIDER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderChoice {
+    /// CUDA when it registers, else CPU (with a warning).
+    Auto,
+    /// CUDA or nothing: a session that cannot use it fails to load, with ONNX Runtime's reason.
+    Cuda,
+    Cpu,
+}
+
+/// CUDA execution provider settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CudaSettings {
+    pub device_id: i32,
+    /// Arena cap per session, in bytes.
+    pub memory_limit: Option<usize>,
+}
+
+/// How sessions are built: the process's environment, the execution provider, intra-op threads.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub env: Environment,
-    pub try_cuda: bool,
+    pub provider: ProviderChoice,
+    pub cuda: CudaSettings,
     pub threads: usize,
     /// Intra-op threads for slide models (0: ONNX Runtime's default).
     pub slide_threads: usize,
 }
 
 impl SessionOptions {
+    /// The options a configuration asks for. With `cuda`, CUDA/cuDNN libraries that cannot be
+    /// preloaded from the configured folders stop start-up; with `auto` they are a warning.
+    pub fn from_config(config: &crate::config::Config) -> anyhow::Result<Self> {
+        let env = init_runtime(config.ort_dylib_path.as_deref())?;
+        let provider = match config.execution_provider.as_str() {
+            "cuda" => ProviderChoice::Cuda,
+            "cpu" => ProviderChoice::Cpu,
+            _ => ProviderChoice::Auto,
+        };
+        if provider != ProviderChoice::Cpu
+            && (config.cuda_library_dir.is_some() || config.cudnn_library_dir.is_some())
+            && let Err(e) = ep::cuda::preload_dylibs(
+                config.cuda_library_dir.as_deref(),
+                config.cudnn_library_dir.as_deref(),
+            )
+        {
+            anyhow::ensure!(
+                provider != ProviderChoice::Cuda,
+                "ONKOS_EXECUTION_PROVIDER=cuda, but the CUDA libraries cannot be loaded: {e}"
+            );
+            tracing::warn!(error = %e, "CUDA libraries cannot be loaded; models will run on the CPU");
+        }
+        Ok(Self {
+            env,
+            provider,
+            cuda: CudaSettings {
+                device_id: config.cuda_device_id,
+                memory_limit: config.cuda_memory_limit_bytes,
+            },
+            threads: config.inference_threads,
+            slide_threads: config.slide_inference_threads,
+        })
+    }
+
     /// The options for one model: slide models get their own thread count.
     pub fn for_model(&self, slide: bool) -> Self {
         let mut options = self.clone();
@@ -91,16 +144,22 @@ impl OnnxModel {
     ) -> anyhow::Result<Self> {
         let env = &options.env;
         let threads = options.threads;
-        let (session, provider) = match options
-            .try_cuda
-            .then(|| build_session(env, bytes, threads, true))
-        {
-            Some(Ok(session)) => (session, CUDA),
-            Some(Err(e)) => {
-                tracing::debug!(reason = %e, "CUDA execution provider unavailable, using CPU");
-                (build_session(env, bytes, threads, false)?, CPU)
-            }
-            None => (build_session(env, bytes, threads, false)?, CPU),
+        let cuda = Some(options.cuda);
+        let (session, provider) = match options.provider {
+            ProviderChoice::Cpu => (build_session(env, bytes, threads, None)?, CPU),
+            ProviderChoice::Cuda => (
+                build_session(env, bytes, threads, cuda).context(
+                    "ONKOS_EXECUTION_PROVIDER=cuda, but the CUDA execution provider did not register",
+                )?,
+                CUDA,
+            ),
+            ProviderChoice::Auto => match build_session(env, bytes, threads, cuda) {
+                Ok(session) => (session, CUDA),
+                Err(e) => {
+                    warn_cpu_fallback(&e);
+                    (build_session(env, bytes, threads, None)?, CPU)
+                }
+            },
         };
         let names = |outlets: &[ort::value::Outlet]| {
             outlets
@@ -323,21 +382,37 @@ fn matrix(value: &ort::value::DynValue, n: usize) -> anyhow::Result<Vec<Vec<f64>
     Ok(values.chunks(width).map(<[f64]>::to_vec).collect())
 }
 
+/// `auto` fell back to the CPU: said once per process as a warning (every model would repeat it),
+/// then at debug level.
+fn warn_cpu_fallback(reason: &anyhow::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!(reason = %format!("{reason:#}"), "CUDA execution provider unavailable, using CPU");
+    } else {
+        tracing::warn!(reason = %format!("{reason:#}"), "CUDA execution provider unavailable: models run on the CPU (ONKOS_EXECUTION_PROVIDER=cuda makes this an error)");
+    }
+}
+
 fn build_session(
     env: &Environment,
     bytes: &[u8],
     threads: usize,
-    cuda: bool,
+    cuda: Option<CudaSettings>,
 ) -> anyhow::Result<Session> {
     let builder = Session::builder(env)?
         .with_intra_threads(threads)
         .map_err(|e| anyhow!("{e}"))?;
-    let mut builder = if cuda {
-        builder
-            .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
-            .map_err(|e| anyhow!("{e}"))?
-    } else {
-        builder
+    let mut builder = match cuda {
+        Some(settings) => {
+            let mut provider = ep::CUDA::default().with_device_id(settings.device_id);
+            if let Some(limit) = settings.memory_limit {
+                provider = provider.with_memory_limit(limit);
+            }
+            builder
+                .with_execution_providers([provider.build().error_on_failure()])
+                .map_err(|e| anyhow!("{e}"))?
+        }
+        None => builder,
     };
     builder
         .commit_from_memory(bytes)

@@ -5,7 +5,7 @@ use super::analyse::{Plan, analyse};
 use super::read::TiledSlide;
 use crate::config::Config;
 use crate::domain::contract::Manifest;
-use crate::inference::{OnnxModel, SessionOptions, init_runtime};
+use crate::inference::{OnnxModel, SessionOptions};
 use anyhow::Context;
 use rayon::prelude::*;
 use std::path::Path;
@@ -21,12 +21,8 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
         .slide
         .as_ref()
         .with_context(|| format!("{model} is not a slide model"))?;
-    let options = SessionOptions {
-        env: init_runtime(config.ort_dylib_path.as_deref())?,
-        try_cuda: config.execution_provider == "auto",
-        threads: config.slide_inference_threads,
-        slide_threads: config.slide_inference_threads,
-    };
+    let mut options = SessionOptions::from_config(config)?;
+    options.threads = config.slide_inference_threads;
     let onnx = OnnxModel::load(
         &std::fs::read(folder.join(&manifest.onnx.file))?,
         &manifest.onnx,

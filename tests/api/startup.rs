@@ -60,3 +60,53 @@ async fn missing_postgres_binaries_are_named_with_the_setting_to_fix() {
         "{error}"
     );
 }
+
+/// `cuda` is a requirement, not a wish: where the CUDA execution provider does not register (this
+/// CPU build of ONNX Runtime, or no GPU) start-up stops with the reason; where it does, every
+/// session runs on it and /readyz says so. `auto` on the same machine falls back to the CPU.
+#[tokio::test]
+async fn execution_provider_cuda_runs_on_cuda_or_stops_start_up_with_the_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.execution_provider = "cuda".into();
+    match Application::with_pool(config, fresh_database().await).await {
+        Err(error) => {
+            let text = format!("{error:#}");
+            assert!(
+                text.contains("ONKOS_EXECUTION_PROVIDER=cuda")
+                    && text.contains("CUDA execution provider did not register"),
+                "{text}"
+            );
+        }
+        Ok(app) => {
+            assert_eq!(app.state().registry.provider(), "CUDAExecutionProvider");
+        }
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.execution_provider = "auto".into();
+    let app = Application::with_pool(config, fresh_database().await)
+        .await
+        .unwrap();
+    assert!(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            .contains(&app.state().registry.provider())
+    );
+}
+
+#[tokio::test]
+async fn cuda_libraries_that_cannot_be_preloaded_stop_a_cuda_start_up() {
+    let data = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let mut config = test_config(data.path());
+    config.execution_provider = "cuda".into();
+    config.cuda_library_dir = Some(empty.path().to_path_buf());
+    let error = Application::with_pool(config, fresh_database().await)
+        .await
+        .unwrap_err();
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("CUDA libraries cannot be loaded") && text.contains("libcudart"),
+        "{text}"
+    );
+}
