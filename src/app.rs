@@ -34,7 +34,14 @@ pub struct App {
     /// Model files and slides.
     pub blobs: BlobStore,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the process begins to shut down: long-lived responses (event streams) end.
+    pub stopping: CancellationToken,
+    /// Open event streams (each re-reads its analysis twice a second): a bounded number.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Event streams one process serves at once; more are answered 503.
+pub const MAX_EVENT_STREAMS: usize = 256;
 
 impl App {
     pub fn retry_max_attempts(&self) -> i32 {
@@ -106,6 +113,8 @@ impl Application {
             intake,
             blobs,
             metrics,
+            stopping: CancellationToken::new(),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
         }));
         Ok(Self {
             listener,
@@ -159,6 +168,13 @@ impl Application {
     /// completes its current batch, then the embedded database stops.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let router = crate::http::router(self.state.clone());
+        // Event streams end when shutdown begins; graceful shutdown waits for open responses.
+        let stopping = self.state.stopping.clone();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            stopping.cancel();
+        });
         tracing::info!(addr = %self.local_addr(), "listening");
         let completions = tokio::spawn(
             self.state

@@ -39,7 +39,7 @@ async fn verify_tenant(
     let (mut seq, mut previous) = (0_i64, GENESIS.to_owned());
     let mut last = Uuid::nil();
     loop {
-        let page = repo::provenance::chain_page(pool, &tenant, seq, PAGE).await?;
+        let page = repo::provenance::chain_page(pool, &tenant, seq, head_seq, PAGE).await?;
         let full = page.len() as i64 == PAGE;
         for link in &page {
             if let Err(why) = provenance::check(&previous, seq + 1, &link.stored()) {
@@ -57,6 +57,7 @@ async fn verify_tenant(
             break;
         }
     }
+    // The head was read first; links appended since are beyond it and checked next time.
     let broken = (seq != head_seq || previous != head_chain).then(|| {
         (
             last,

@@ -92,6 +92,9 @@ pub struct Config {
     pub webhook_max_attempts: u32,
     /// First webhook retry delay; doubles per attempt (with jitter), capped at an hour.
     pub webhook_retry_base_ms: u64,
+    /// Let webhooks reach loopback, private, link-local and other non-public addresses (a LIS on
+    /// the hospital network). Off: a tenant cannot make onkos probe the network it runs in.
+    pub webhook_allow_private_networks: bool,
     /// Longest `?wait=` a reader may ask for (it is also capped below the request timeout).
     pub max_wait_secs: u64,
     pub log: String,
@@ -162,6 +165,7 @@ impl Default for Config {
             webhook_timeout_secs: 10,
             webhook_max_attempts: 15,
             webhook_retry_base_ms: 1000,
+            webhook_allow_private_networks: false,
             log: "info".into(),
             log_format: "text".into(),
             otlp_endpoint: None,

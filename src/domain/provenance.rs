@@ -47,9 +47,37 @@ impl ProvenanceRecord {
 }
 
 /// The canonical JSON of a document: serde_json's `Value` keeps object keys sorted (the crate is
-/// built without `preserve_order`), and `to_vec` writes no whitespace.
+/// built without `preserve_order`), `to_vec` writes no whitespace, and -0.0 is written as 0.0
+/// (Postgres numbers have no negative zero, so a stored document reads back without it).
 pub fn canonical_json(value: &Value) -> Vec<u8> {
+    if has_negative_zero(value) {
+        let mut value = value.clone();
+        clear_negative_zeros(&mut value);
+        return serde_json::to_vec(&value).unwrap_or_default();
+    }
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn is_negative_zero(n: &serde_json::Number) -> bool {
+    n.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative())
+}
+
+fn has_negative_zero(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => is_negative_zero(n),
+        Value::Array(items) => items.iter().any(has_negative_zero),
+        Value::Object(map) => map.values().any(has_negative_zero),
+        _ => false,
+    }
+}
+
+fn clear_negative_zeros(value: &mut Value) {
+    match value {
+        Value::Number(n) if is_negative_zero(n) => *value = Value::from(0.0),
+        Value::Array(items) => items.iter_mut().for_each(clear_negative_zeros),
+        Value::Object(map) => map.values_mut().for_each(clear_negative_zeros),
+        _ => {}
+    }
 }
 
 /// The digest of a result document.
@@ -157,6 +185,17 @@ mod tests {
         )
         .unwrap_or_default();
         assert_eq!(result_digest(&result), result_digest(&reread));
+    }
+
+    #[test]
+    fn negative_zero_digests_like_the_zero_postgres_reads_back() {
+        let written = json!({"contribution": -0.0, "rows": [{"v": -0.0}], "x": 1.5});
+        let reread = json!({"contribution": 0.0, "rows": [{"v": 0.0}], "x": 1.5});
+        assert_eq!(result_digest(&written), result_digest(&reread));
+        assert_ne!(
+            result_digest(&written),
+            result_digest(&json!({"contribution": 0.0}))
+        );
     }
 
     #[test]

@@ -37,7 +37,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// Counts and times each request under its route template (low cardinality: ids are not labels).
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    // A fixed set: any other method string would be a new series per request.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
     let route = request
         .extensions()
         .get::<MatchedPath>()

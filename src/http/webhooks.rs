@@ -25,7 +25,7 @@ pub const EVENTS: [&str; 5] = [
     "analysis.cancelled",
 ];
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// Where events are POSTed (http or https; https outside a trusted network).
@@ -35,6 +35,16 @@ pub struct CreateWebhook {
     /// Any of `analysis.queued`, `analysis.running`, `analysis.succeeded`, `analysis.failed`,
     /// `analysis.cancelled`.
     pub events: Vec<String>,
+}
+
+impl std::fmt::Debug for CreateWebhook {
+    // The secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateWebhook")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -92,9 +102,17 @@ fn view(w: repo::webhooks::Webhook) -> WebhookView {
     }
 }
 
-fn check(body: &CreateWebhook) -> Result<(), Vec<FieldError>> {
+fn check(body: &CreateWebhook, allow_private: bool) -> Result<(), Vec<FieldError>> {
     let mut errors = Vec::new();
     match reqwest::Url::parse(&body.url) {
+        Ok(_) if !crate::jobs::webhooks::literal_host_allowed(&body.url, allow_private) => {
+            errors.push(FieldError::new(
+                "url",
+                "private_address",
+                "a loopback, private or link-local address: webhooks reach public addresses only \
+                 unless the operator sets ONKOS_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true",
+            ));
+        }
         Ok(url) if !matches!(url.scheme(), "http" | "https") => errors.push(FieldError::new(
             "url",
             "scheme",
@@ -181,7 +199,7 @@ pub async fn create(
             ApiError::BadRequest(format!("the body is not valid JSON: {e}"))
         }
     })?;
-    check(&body).map_err(ApiError::Validation)?;
+    check(&body, state.config.webhook_allow_private_networks).map_err(ApiError::Validation)?;
     let mut events = body.events.clone();
     events.sort();
     events.dedup();

@@ -14,6 +14,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +72,80 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now: i64) -> Result<(), &
     }
 }
 
+/// True for addresses on the public internet: not loopback, private (RFC 1918, ULA), link-local,
+/// shared (CGNAT), documentation, multicast, broadcast or unspecified.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (b & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
+pub const PRIVATE_REFUSED: &str = "resolves only to loopback, private or link-local addresses, which webhooks may not reach (ONKOS_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true allows them)";
+
+/// Resolves receivers' names, keeping public addresses only: checked at connection time, so a
+/// name that resolved to a public address at registration cannot be re-pointed inside later.
+#[derive(Debug)]
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((name.as_str(), 0)).await?;
+            let public: Vec<SocketAddr> = found.filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(format!("{} {PRIVATE_REFUSED}", name.as_str()).into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Refuses a URL whose host is a literal non-public address (names are checked on resolution).
+pub fn literal_host_allowed(url: &str, allow_private: bool) -> bool {
+    if allow_private {
+        return true;
+    }
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+    else {
+        return true;
+    };
+    // IPv6 literals come bracketed.
+    match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        Ok(ip) => is_public(ip),
+        Err(_) => true,
+    }
+}
+
 /// Sends due deliveries. Many deliverers (one per `serve` or `worker` process) share the outbox.
 #[derive(Debug, Clone)]
 pub struct Deliverer {
@@ -78,12 +153,17 @@ pub struct Deliverer {
     client: reqwest::Client,
     retry: RetryPolicy,
     lease_secs: f64,
+    allow_private: bool,
 }
 
 impl Deliverer {
     pub fn new(pool: PgPool, config: &Config) -> anyhow::Result<Self> {
         let timeout = Duration::from_secs(config.webhook_timeout_secs);
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder();
+        if !config.webhook_allow_private_networks {
+            client = client.dns_resolver(std::sync::Arc::new(PublicOnly));
+        }
+        let client = client
             .timeout(timeout)
             // A redirect could send the signed body somewhere the tenant did not register.
             .redirect(reqwest::redirect::Policy::none())
@@ -94,6 +174,7 @@ impl Deliverer {
             client,
             retry: config.webhook_retry_policy(),
             lease_secs: timeout.as_secs_f64() + 30.0,
+            allow_private: config.webhook_allow_private_networks,
         })
     }
 
@@ -109,6 +190,16 @@ impl Deliverer {
     }
 
     async fn attempt(&self, due: &Due) -> AttemptOutcome {
+        if !literal_host_allowed(&due.url, self.allow_private) {
+            return AttemptOutcome {
+                id: due.id,
+                attempts: due.attempts,
+                status: None,
+                error: Some(format!("the receiver's address {PRIVATE_REFUSED}")),
+                delivered: false,
+                retry_after_secs: None,
+            };
+        }
         let mut event = due.payload.clone();
         if let Some(object) = event.as_object_mut() {
             object.insert("delivery".into(), due.id.to_string().into());
@@ -141,7 +232,11 @@ impl Deliverer {
                 Some(i32::from(response.status().as_u16())),
                 format!("the receiver answered {}", response.status()),
             ),
-            Err(e) => (None, format!("cannot deliver: {}", error_chain(&e))),
+            // Without the URL: it may carry credentials, and the error is shown to the tenant.
+            Err(e) => (
+                None,
+                format!("cannot deliver: {}", error_chain(&e.without_url())),
+            ),
         };
         tracing::warn!(delivery = %due.id, attempt = due.attempts, %error, "webhook delivery failed");
         let retry_after_secs = (due.attempts < self.retry.max_attempts)
@@ -240,6 +335,38 @@ mod tests {
             ),
             Err("timestamp outside the replay window")
         );
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(
+                !is_public(private.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+                "{private}"
+            );
+        }
+        for public in ["8.8.8.8", "151.101.1.1", "2606:4700::1111"] {
+            assert!(
+                is_public(public.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+                "{public}"
+            );
+        }
+        assert!(!literal_host_allowed("http://10.0.0.5:8500/x", false));
+        assert!(literal_host_allowed("http://10.0.0.5:8500/x", true));
+        assert!(literal_host_allowed("https://lis.example.org/x", false));
     }
 
     #[test]

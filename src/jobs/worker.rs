@@ -10,6 +10,7 @@ use crate::domain::result::{
     ATTENTION, AnalysisResult, AttendedTile, BagSummary, Evidence, Measurement, SLIDE_SCHEMA,
     SlideResult, SlideStages, SlideSummary,
 };
+use crate::inference::Provider;
 use crate::jobs::retry::{RetryPolicy, unit_random};
 use crate::registry::{LoadedModel, Registry};
 use crate::repo;
@@ -176,9 +177,16 @@ impl Worker {
                 let attempts = self.run_batch(&model, &version, &jobs).await;
                 drop(heartbeat);
                 self.observe_stages(&attempts);
+                // The provider of this model's session: with `auto`, one model may have fallen
+                // back to the CPU while others run on CUDA.
+                let provider = self
+                    .registry
+                    .version(&model, &version)
+                    .await
+                    .map_or_else(|_| self.registry.provider(), |m| m.onnx.provider);
                 let storing = Instant::now();
                 let stored = self
-                    .store(&jobs, attempts)
+                    .store(&jobs, attempts, provider)
                     .instrument(tracing::info_span!("store"))
                     .await?;
                 self.metrics.stage("store", storing.elapsed().as_secs_f64());
@@ -600,8 +608,12 @@ impl Worker {
 
     /// Stores all outcomes of a batch in one transaction; each job is fenced on this worker's lease.
     /// Successes (the common case) are stored set-wise; retries and failures one by one.
-    async fn store(&self, jobs: &[ClaimedJob], attempts: Vec<Attempt>) -> anyhow::Result<usize> {
-        let provider = self.registry.provider();
+    async fn store(
+        &self,
+        jobs: &[ClaimedJob],
+        attempts: Vec<Attempt>,
+        provider: Provider,
+    ) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let mut successes = Vec::new();
         let mut tiles = Vec::new();
@@ -678,6 +690,17 @@ impl Worker {
             done.extend(completed);
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
+        // Last before the commit: it locks the tenant's chain head until then.
+        let records: Vec<repo::provenance::Stored> = successes
+            .iter()
+            .filter(|s| done.contains(&s.job.analysis_id))
+            .map(|s| repo::provenance::Stored {
+                analysis_id: s.job.analysis_id,
+                result: &s.result,
+                execution_provider: provider,
+            })
+            .collect();
+        repo::provenance::append(&mut tx, &records).await?;
         tx.commit().await?;
         self.metrics.outcome("succeeded", counts.succeeded);
         self.metrics.outcome("failed", counts.failed);

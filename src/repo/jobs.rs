@@ -215,7 +215,7 @@ pub struct Success<'a> {
 
 /// Completes a batch of succeeded jobs with three set-based statements instead of three per job,
 /// each job fenced as in `finish`. Returns the ids actually completed (the others were cancelled or
-/// lost their lease, and get no result).
+/// lost their lease, and get no result); their provenance is the caller's to append, last.
 pub async fn complete_batch(
     tx: &mut PgConnection,
     worker: Uuid,
@@ -226,7 +226,7 @@ pub async fn complete_batch(
     let attempts: Vec<i32> = successes.iter().map(|s| s.job.attempts).collect();
     let results: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.result)).collect();
     let timings: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.timings)).collect();
-    let completed = sqlx::query_scalar!(
+    sqlx::query_scalar!(
         r#"with done as (
                update jobs j set state = 'done', lease_owner = null, lease_expires_at = null, last_error = null
                from unnest($2::uuid[], $3::int[]) as t(id, attempts)
@@ -251,18 +251,7 @@ pub async fn complete_batch(
         execution_provider,
     )
     .fetch_all(&mut *tx)
-    .await?;
-    let stored: Vec<super::provenance::Stored> = successes
-        .iter()
-        .filter(|s| completed.contains(&s.job.analysis_id))
-        .map(|s| super::provenance::Stored {
-            analysis_id: s.job.analysis_id,
-            result: &s.result,
-            execution_provider,
-        })
-        .collect();
-    super::provenance::append(tx, &stored).await?;
-    Ok(completed)
+    .await
 }
 
 /// Records a running slide job's progress; false when this worker no longer holds the job

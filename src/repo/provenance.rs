@@ -169,11 +169,13 @@ pub async fn find(
     .await
 }
 
-/// A page of a tenant's chain in order, from `after_seq` (exclusive).
+/// A page of a tenant's chain in order, from `after_seq` (exclusive) up to `through_seq`: links
+/// committed after the walk began are left for the next walk.
 pub async fn chain_page(
     db: impl PgExecutor<'_>,
     tenant: &str,
     after_seq: i64,
+    through_seq: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<Link>> {
     sqlx::query_as!(
@@ -183,11 +185,12 @@ pub async fn chain_page(
            from provenance p
            left join analyses a on a.id = p.analysis_id
            left join results r on r.analysis_id = p.analysis_id
-           where p.tenant_id = $1 and p.seq > $2
+           where p.tenant_id = $1 and p.seq > $2 and p.seq <= $3
            order by p.seq
-           limit $3"#,
+           limit $4"#,
         tenant,
         after_seq,
+        through_seq,
         limit,
     )
     .fetch_all(db)

@@ -120,13 +120,22 @@ pub async fn deliveries(
 }
 
 /// A delivery a deliverer now holds, with where to send it and the key to sign it with.
-#[derive(Debug)]
 pub struct Due {
     pub id: Uuid,
     pub payload: Value,
     pub attempts: i32,
     pub url: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for Due {
+    // The signing key is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Due")
+            .field("id", &self.id)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Claims up to `limit` due deliveries of active endpoints, oldest first, leasing them for

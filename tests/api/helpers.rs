@@ -99,8 +99,9 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         ),
         execution_provider: "cpu".into(),
         worker: false,
-        // Tests step webhook delivery themselves.
+        // Tests step webhook delivery themselves, to receivers on 127.0.0.1.
         webhooks: false,
+        webhook_allow_private_networks: true,
         // OpenSlide runs in child processes of onkos itself, not of the test binary.
         slide_reader: Some(PathBuf::from(env!("CARGO_BIN_EXE_onkos"))),
         ..Config::default()
@@ -274,6 +275,11 @@ impl TestApp {
             .await
             .unwrap();
         assert_eq!(activate.status(), 200);
+    }
+
+    /// Begins the server's shutdown, as SIGTERM would.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
     }
 
     pub async fn step(&self) -> usize {

@@ -2,11 +2,9 @@
 //! JSON log lines carry the request id and trace id of their request.
 
 use crate::helpers::{TestApp, reference_rows};
-use onkos::telemetry::tracing::{layers, provider};
 use opentelemetry::trace::{SpanId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -98,41 +96,59 @@ async fn the_workers_spans_join_the_trace_of_the_submitting_request() {
     }
 }
 
-/// A log destination the test reads back.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
+/// Log lines of a real `onkos serve` process with `ONKOS_LOG_FORMAT=json`: its own subscriber, as
+/// `main` installs it, on a test database.
 #[tokio::test]
 async fn json_log_lines_carry_the_request_id_and_trace_id() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let config = onkos::config::Config {
-        log_format: "json".into(),
-        log: "info".into(),
-        ..onkos::config::Config::default()
-    };
-    config.validate().unwrap();
-    let provider = provider(&config).unwrap();
-    let subscriber =
-        tracing_subscriber::registry().with(layers(&config, &provider, move || sink.clone()));
-    let _subscriber = tracing::subscriber::set_default(subscriber);
-
+    use tokio::io::{AsyncBufReadExt, BufReader};
     let app = TestApp::spawn().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_onkos"))
+        .arg("api")
+        .env("DATABASE_URL", &app.database_url)
+        .env("ONKOS_DATA_DIR", &app.config.data_dir)
+        .env("ONKOS_MODELS_DIR", &app.config.models_dir)
+        .env("ONKOS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ONKOS_EXECUTION_PROVIDER", "cpu")
+        .env("ONKOS_WEBHOOKS", "false")
+        .env("ONKOS_LOG_FORMAT", "json")
+        .env("ONKOS_LOG", "info")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Ready when it says it listens (no polling).
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let listening = line.contains("\"listening\"");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    let base = format!("http://127.0.0.1:{port}");
     let token = app.token("oslo", "submitter");
-    let id = app.submit(&token, &reference_rows()[0]["features"]).await;
+    let submitted: Value = app
+        .client
+        .post(format!("{base}/v1/analyses"))
+        .bearer_auth(&token)
+        .json(&json!({"model": crate::helpers::MODEL, "features": reference_rows()[0]["features"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap();
     let response = app
         .client
-        .delete(format!("{}/v1/analyses/{id}", app.base))
+        .delete(format!("{base}/v1/analyses/{id}"))
         .bearer_auth(&token)
         .header("traceparent", TRACEPARENT)
         .header("x-request-id", "req-42")
@@ -141,21 +157,26 @@ async fn json_log_lines_carry_the_request_id_and_trace_id() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "req-42");
-
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    let cancel = lines
-        .iter()
-        .find(|l| l["fields"]["message"] == "analysis cancelled")
-        .unwrap_or_else(|| panic!("no cancel line in {text}"));
+    let cancel = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("the process ended; it logged {seen:#?}"));
+        let parsed: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        seen.push(line);
+        if parsed["fields"]["message"] == "analysis cancelled" {
+            break parsed;
+        }
+    };
+    child.kill().await.unwrap();
+    assert_eq!(cancel["span"]["name"], "request", "{cancel}");
     assert_eq!(cancel["span"]["request_id"], "req-42", "{cancel}");
     assert_eq!(cancel["span"]["trace_id"], TRACE_ID, "{cancel}");
-    // Every line logged inside a request carries both.
-    for line in lines.iter().filter(|l| l["span"]["name"] == "request") {
-        assert!(line["span"]["request_id"].is_string(), "{line}");
-        assert!(line["span"]["trace_id"].is_string(), "{line}");
+    assert_eq!(cancel["span"]["route"], "/v1/analyses/{id}", "{cancel}");
+    // Every line is JSON.
+    for line in &seen {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }

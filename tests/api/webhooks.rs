@@ -497,3 +497,76 @@ async fn a_slide_analysis_streams_its_progress_between_tile_batches() {
         ("status", &json!("succeeded"))
     );
 }
+
+#[tokio::test]
+async fn webhooks_cannot_reach_private_addresses_unless_the_operator_allows_it() {
+    let app = TestApp::spawn_with(|c| c.webhook_allow_private_networks = false).await;
+    let token = app.token("oslo", "submitter");
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+    ] {
+        let refused = app
+            .post_json(
+                "/v1/webhooks",
+                &token,
+                &json!({"url": url, "secret": SECRET, "events": ["analysis.queued"]}),
+            )
+            .await;
+        let problem = assert_problem(refused, 422).await;
+        assert_eq!(
+            problem["errors"][0]["rule"], "private_address",
+            "{url}: {problem}"
+        );
+    }
+    // A name is checked when it is resolved, at delivery: `localhost` is loopback.
+    let (receiver, url) = Receiver::start(&[]).await;
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let hook = register(&app, &token, &by_name, &["analysis.queued"]).await;
+    app.submit(&token, &reference_rows()[0]["features"]).await;
+    assert_eq!(app.deliverer.step().await.unwrap(), 1);
+    assert!(
+        receiver.received().is_empty(),
+        "nothing reached the loopback receiver"
+    );
+    let deliveries = app
+        .get_json(&format!("/v1/webhooks/{hook}/deliveries"), &token)
+        .await;
+    let only = &deliveries["items"][0];
+    assert!(
+        only["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("ONKOS_WEBHOOK_ALLOW_PRIVATE_NETWORKS"),
+        "{only}"
+    );
+    assert!(
+        !only["last_error"].as_str().unwrap().contains("/hook"),
+        "no URL in the error: {only}"
+    );
+}
+
+#[tokio::test]
+async fn open_event_streams_end_when_the_server_shuts_down() {
+    use futures_util::StreamExt;
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &reference_rows()[0]["features"]).await;
+    let response = app
+        .client
+        .get(format!("{}/v1/analyses/{id}/events", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let (_, first) = next_event(&mut stream, &mut buffer).await;
+    assert_eq!(first["status"], "queued");
+    // The analysis stays queued; without an end on shutdown, graceful shutdown would wait forever.
+    app.stop();
+    while let Some(chunk) = stream.next().await {
+        chunk.expect("the stream closes cleanly, not by the client's timeout");
+    }
+}

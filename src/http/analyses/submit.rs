@@ -273,6 +273,7 @@ async fn run_inline(
     // Postgres keeps microseconds: the answer must show the times a later read will.
     let now = || Utc::now().trunc_subsecs(6);
     let created_at = now();
+    let provider = model.onnx.provider;
     let model = Arc::clone(model);
     let run = tokio::task::spawn_blocking(move || {
         let started_at = now();
@@ -288,7 +289,7 @@ async fn run_inline(
             Finished {
                 result,
                 timings,
-                execution_provider: state.registry.provider().to_owned(),
+                execution_provider: provider.to_owned(),
                 created_at,
                 started_at,
                 finished_at,
