@@ -24,7 +24,10 @@ static CLUSTER: OnceCell<EmbeddedPostgres> = OnceCell::const_new();
 async fn cluster() -> &'static EmbeddedPostgres {
     CLUSTER
         .get_or_init(|| async {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onkos-test-pg");
+            // One cluster per test binary: cargo runs the binaries one after another, and the
+            // previous one's cluster may still be stopping.
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("onkos-test-pg-{}", env!("CARGO_CRATE_NAME")));
             let server = EmbeddedPostgres::start(&dir, None, "postgres")
                 .await
                 .expect("start the test cluster");
