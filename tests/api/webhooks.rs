@@ -312,6 +312,16 @@ async fn endpoints_are_validated_listed_without_secrets_removed_and_tenant_scope
     );
 }
 
+/// Opens the event stream of analysis `id`.
+async fn open_events(app: &TestApp, token: &str, id: &str) -> reqwest::Response {
+    app.client
+        .get(format!("{}/v1/analyses/{id}/events", app.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Reads server-sent events until the stream ends; each as (event name, data).
 async fn read_events(response: reqwest::Response) -> Vec<(String, Value)> {
     let text = response.text().await.unwrap();
@@ -336,13 +346,7 @@ async fn the_event_stream_reports_the_current_state_then_each_change_and_ends_wh
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
     let id = app.submit(&token, &reference_rows()[0]["features"]).await;
-    let response = app
-        .client
-        .get(format!("{}/v1/analyses/{id}/events", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = open_events(&app, &token, &id).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     // The stream is open; run the analysis, then read the stream to its end.
@@ -358,13 +362,7 @@ async fn the_event_stream_reports_the_current_state_then_each_change_and_ends_wh
     );
 
     // A finished analysis: one event, then the end.
-    let again = app
-        .client
-        .get(format!("{}/v1/analyses/{id}/events", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let again = open_events(&app, &token, &id).await;
     let events = read_events(again).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_problem(
@@ -383,13 +381,7 @@ async fn a_cancel_ends_the_event_stream() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
     let id = app.submit(&token, &reference_rows()[0]["features"]).await;
-    let response = app
-        .client
-        .get(format!("{}/v1/analyses/{id}/events", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = open_events(&app, &token, &id).await;
     let cancelled = app
         .client
         .delete(format!("{}/v1/analyses/{id}", app.base))
@@ -449,13 +441,7 @@ async fn a_slide_analysis_streams_its_progress_between_tile_batches() {
             &json!({"model": crate::slides::STAIN, "slide": slide}),
         )
         .await;
-    let response = app
-        .client
-        .get(format!("{}/v1/analyses/{id}/events", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = open_events(&app, &token, &id).await;
     let mut stream = response.bytes_stream();
     let mut buffer = String::new();
     let (kind, first) = next_event(&mut stream, &mut buffer).await;
@@ -553,13 +539,7 @@ async fn open_event_streams_end_when_the_server_shuts_down() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
     let id = app.submit(&token, &reference_rows()[0]["features"]).await;
-    let response = app
-        .client
-        .get(format!("{}/v1/analyses/{id}/events", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = open_events(&app, &token, &id).await;
     let mut stream = response.bytes_stream();
     let mut buffer = String::new();
     let (_, first) = next_event(&mut stream, &mut buffer).await;
