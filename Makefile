@@ -16,8 +16,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: deps
 	cargo run --release --locked -- serve
 
-test: deps target/fhir-venv/bin/python
+test: deps target/fhir-venv/bin/python target/moto-venv/bin/moto_server
 	cargo fmt --all -- --check
+	docker/check.sh
 	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 	SQLX_OFFLINE=true cargo test --locked --all-targets
 
@@ -85,3 +86,10 @@ bench-slides: deps
 	@python3 -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-venv; }
 	SQLX_OFFLINE=true cargo build --release --locked
 	tests/bench/slides.sh
+
+# The S3-compatible server the storage tests run against (moto, pinned).
+target/moto-venv/bin/moto_server: tests/s3/requirements.txt
+	@python3 -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-venv; }
+	rm -rf target/moto-venv && python3 -m venv target/moto-venv
+	target/moto-venv/bin/pip install --quiet -r tests/s3/requirements.txt
+	touch $@

@@ -38,6 +38,8 @@ pub struct App {
     pub stopping: CancellationToken,
     /// Open event streams (each re-reads its analysis twice a second): a bounded number.
     pub event_streams: Arc<tokio::sync::Semaphore>,
+    /// Per-client request rates; `None` when no limit is configured.
+    pub limiter: Option<crate::http::limit::Limiter>,
 }
 
 /// Event streams one process serves at once; more are answered 503.
@@ -82,7 +84,8 @@ impl Application {
     /// Builds on an existing, migrated pool (tests give each test its own database).
     pub async fn with_pool(config: Config, pool: PgPool) -> anyhow::Result<Self> {
         let options = SessionOptions::from_config(&config)?;
-        let blobs = BlobStore::local(&config.data_dir.join("blobs"))?;
+        let blobs = config.blob_store()?;
+        blobs.check().await?;
         if let Some(program) = &config.slide_reader {
             crate::slides::openslide::set_reader_program(program.clone());
         }
@@ -104,6 +107,7 @@ impl Application {
         let deliverer = Deliverer::new(pool.clone(), &config)?;
         let completions = Completions::default();
         let intake = Intake::start(pool.clone());
+        let limiter = crate::http::limit::Limiter::from_config(&config);
         let state = AppState(Arc::new(App {
             config,
             pool,
@@ -115,6 +119,7 @@ impl Application {
             metrics,
             stopping: CancellationToken::new(),
             event_streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
+            limiter,
         }));
         Ok(Self {
             listener,
@@ -191,8 +196,22 @@ impl Application {
             .config
             .webhooks
             .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
-        let server = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let forgetting = self.state.limiter.is_some().then(|| {
+            let (state, stop) = (self.state.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                while stop.run_until_cancelled(every.tick()).await.is_some() {
+                    if let Some(limiter) = &state.limiter {
+                        limiter.forget_idle();
+                    }
+                }
+            })
+        });
+        let server = axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let served = server.await;
         shutdown.cancel();
         if let Some(worker) = worker {
@@ -202,6 +221,9 @@ impl Application {
             deliverer.await?;
         }
         completions.await?;
+        if let Some(forgetting) = forgetting {
+            forgetting.await?;
+        }
         if let Some(database) = self.database {
             database.close().await?;
         }

@@ -47,6 +47,31 @@ pub struct Config {
     /// How long one slide upload may take (the general request timeout is too short for gigabytes).
     pub slide_upload_timeout_secs: u64,
     pub models_dir: PathBuf,
+    /// `local`: blobs (models, slides, embeddings) in `data_dir/blobs`; `s3`: in an
+    /// S3-compatible bucket (the `s3_*` settings), shared by every API and worker process.
+    pub storage: String,
+    pub s3_bucket: Option<String>,
+    /// e.g. `http://minio:9000`; unset: AWS's endpoint for the region.
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    /// Unset (with the secret): the `AWS_*` environment variables, then instance credentials.
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO and most on-premise stores need.
+    pub s3_path_style: bool,
+    /// Allow a plain `http://` endpoint (a store on the same host or a trusted network).
+    pub s3_allow_http: bool,
+    /// With `s3`: where this process keeps local copies of the blobs it reads (slide readers
+    /// need random access) and stages uploads; unset: `data_dir/blob-cache`.
+    pub blob_cache_dir: Option<PathBuf>,
+    /// The local copies are trimmed to this many bytes, least recently used first.
+    pub blob_cache_limit_bytes: u64,
+    /// Requests per second one client may make on average (a client is the bearer token it
+    /// presents, or its address when it presents none); 0: no limit. Over it: 429 with
+    /// `Retry-After`. Health and metrics endpoints are never limited.
+    pub rate_limit_per_second: u32,
+    /// Requests a client may make at once above the average before it is limited.
+    pub rate_limit_burst: u32,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.x`).
     pub ort_dylib_path: Option<PathBuf>,
     /// `auto` tries CUDA and falls back to CPU with a warning; `cuda` requires it (start-up stops
@@ -142,6 +167,18 @@ impl Default for Config {
             slide_upload_timeout_secs: 3600,
             embeddings_upload_limit_bytes: 1024 * 1024 * 1024,
             models_dir: "./models".into(),
+            storage: "local".into(),
+            s3_bucket: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_path_style: false,
+            s3_allow_http: false,
+            blob_cache_dir: None,
+            blob_cache_limit_bytes: 100 * 1024 * 1024 * 1024,
+            rate_limit_per_second: 500,
+            rate_limit_burst: 1000,
             ort_dylib_path: None,
             execution_provider: "auto".into(),
             cuda_device_id: 0,
@@ -257,6 +294,38 @@ impl Config {
                 "must be an http:// or https:// URL".into(),
             );
         }
+        match self.storage.as_str() {
+            "local" => {}
+            "s3" => {
+                if self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+                    return bad("ONKOS_S3_BUCKET", "required with ONKOS_STORAGE=s3".into());
+                }
+                if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+                    return bad(
+                        "ONKOS_S3_SECRET_ACCESS_KEY",
+                        "set it and ONKOS_S3_ACCESS_KEY_ID together, or neither".into(),
+                    );
+                }
+                if let Some(url) = &self.s3_endpoint
+                    && !(url.starts_with("https://")
+                        || (self.s3_allow_http && url.starts_with("http://")))
+                {
+                    return bad(
+                        "ONKOS_S3_ENDPOINT",
+                        "must be https:// (http:// only with ONKOS_S3_ALLOW_HTTP=true)".into(),
+                    );
+                }
+            }
+            other => {
+                return bad("ONKOS_STORAGE", format!("{other:?} is not local or s3"));
+            }
+        }
+        if self.rate_limit_per_second > 0 && self.rate_limit_burst == 0 {
+            return bad(
+                "ONKOS_RATE_LIMIT_BURST",
+                "must be greater than 0 when ONKOS_RATE_LIMIT_PER_SECOND is set".into(),
+            );
+        }
         if !["auto", "cuda", "cpu"].contains(&self.execution_provider.as_str()) {
             return bad(
                 "ONKOS_EXECUTION_PROVIDER",
@@ -316,6 +385,28 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The blob store these settings name (its cache and staging folders are created).
+    pub fn blob_store(&self) -> anyhow::Result<crate::storage::BlobStore> {
+        use crate::storage::{BlobStore, S3Settings};
+        if self.storage != "s3" {
+            return BlobStore::local(&self.data_dir.join("blobs"));
+        }
+        let settings = S3Settings {
+            bucket: self.s3_bucket.clone().unwrap_or_default(),
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+            path_style: self.s3_path_style,
+            allow_http: self.s3_allow_http,
+        };
+        let cache = self
+            .blob_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("blob-cache"));
+        BlobStore::s3(&settings, &cache, self.blob_cache_limit_bytes)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

@@ -31,6 +31,9 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("request timed out")]
     Timeout,
+    /// The client's rate limit is spent; it may try again after this long.
+    #[error("too many requests")]
+    TooManyRequests(std::time::Duration),
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -39,13 +42,52 @@ pub enum ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable("the database is not reachable".into())
-            }
-            other => Self::Internal(other.into()),
+        if database_unreachable(&e) {
+            Self::Unavailable(DATABASE_DOWN.into())
+        } else {
+            Self::Internal(e.into())
         }
     }
+}
+
+const DATABASE_DOWN: &str = "the database is not reachable; try again shortly";
+
+/// The database is gone or going (restarting, failing over, out of connections), as opposed to a
+/// fault in a query: the client may retry, so the answer is 503, not 500.
+pub fn database_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // SQLSTATE class 08 (connection exception), 57 (operator intervention: shutdown,
+        // crash recovery, "cannot connect now") and 53300 (too many connections).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c == "53300"),
+        _ => false,
+    }
+}
+
+/// A value the database cannot store as text (a NUL character: SQLSTATE 22021, or 22P05 in
+/// jsonb): the client's input, not a fault, so 400 rather than 500.
+fn caused_by_unstorable_text(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(db)) if matches!(db.code().as_deref(), Some("22021" | "22P05"))
+        )
+    })
+}
+
+/// An internal error whose cause is an unreachable database (through `anyhow` contexts).
+fn caused_by_database_outage(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(database_unreachable)
+    })
 }
 
 /// The problem document (RFC 9457), with `errors` listing each offending field on a 422.
@@ -106,6 +148,14 @@ impl ApiError {
                 "timeout",
                 "the request took too long".into(),
             ),
+            Self::TooManyRequests(wait) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                format!(
+                    "this client has sent more requests than its rate limit allows; retry after {} s",
+                    retry_after_secs(*wait)
+                ),
+            ),
             Self::Unavailable(d) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", d.clone()),
             Self::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,19 +182,35 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match &self {
+        let this = match self {
+            Self::Internal(e) if caused_by_database_outage(&e) => {
+                tracing::warn!(error = format!("{e:#}"), "the database is unreachable");
+                Self::Unavailable(DATABASE_DOWN.into())
+            }
+            Self::Internal(e) if caused_by_unstorable_text(&e) => Self::BadRequest(
+                "a text value contains a character that cannot be stored (NUL, U+0000)".into(),
+            ),
+            other => other,
+        };
+        match &this {
             Self::Internal(e) => tracing::error!(error = ?e, "internal error"),
             Self::Unavailable(d) => tracing::warn!(reason = %d, "unavailable"),
             Self::Unauthorized(reason) => tracing::debug!(%reason, "rejected credentials"),
             other => tracing::debug!(error = %other, "client error"),
         }
-        let problem = self.problem();
+        let problem = this.problem();
         let status =
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, axum::Json(problem)).into_response();
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Self::TooManyRequests(wait) = &this {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*wait)),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -152,6 +218,13 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whole seconds (Retry-After has no fractions), rounded up, at least 1.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    u64::try_from(wait.as_nanos().div_ceil(1_000_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -15,12 +15,16 @@ use serde::{Deserialize, Serialize};
 #[into_params(parameter_in = Query)]
 pub struct AuditParams {
     /// Only events by this actor (the token's `sub`).
+    #[param(pattern = "^[^\\u0000]*$")]
     pub actor: Option<String>,
     /// Only this action, e.g. `analysis.read`, `analysis.cancel`, `model.register`, `webhook.create`.
+    #[param(pattern = "^[^\\u0000]*$")]
     pub action: Option<String>,
     /// Only this kind of target, e.g. `analysis`, `model`, `slide`.
+    #[param(pattern = "^[^\\u0000]*$")]
     pub target_type: Option<String>,
     /// Only this target.
+    #[param(pattern = "^[^\\u0000]*$")]
     pub target_id: Option<String>,
     /// Only events at or after this time (RFC 3339).
     pub since: Option<DateTime<Utc>>,
@@ -29,6 +33,7 @@ pub struct AuditParams {
     /// The `next_before` of the previous page.
     pub before: Option<i64>,
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 

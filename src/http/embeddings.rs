@@ -73,6 +73,7 @@ fn view(r: EmbeddingsRecord) -> EmbeddingsView {
         (status = 413, description = "The file exceeds ONKOS_EMBEDDINGS_UPLOAD_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/octet-stream", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a safetensors file of tile embeddings (the reason says what is wrong)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage is full or unreachable, or the database is down: nothing was kept", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn upload(
     State(state): State<AppState>,
@@ -112,7 +113,11 @@ pub async fn upload(
     }
     let id = Uuid::now_v7();
     let blob_key = format!("embeddings/{id}");
-    state.blobs.put_file(&blob_key, &staged.0).await?;
+    state
+        .blobs
+        .put_file(&blob_key, &staged.0)
+        .await
+        .map_err(crate::http::slides::not_stored)?;
     let metadata = serde_json::to_value(&bag.metadata)
         .map_err(|e| anyhow::anyhow!("the metadata cannot be kept: {e}"))?;
     let record = NewEmbeddings {

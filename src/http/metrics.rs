@@ -12,7 +12,7 @@ use std::time::Instant;
 /// per-stage durations, batch sizes, analyses by outcome and the execution provider in use.
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses(
-        (status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String),
+        (status = 200, description = "OpenMetrics text exposition (Prometheus scrapes it)", content_type = "application/openmetrics-text", body = String),
     ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     // A database outage must not hide the process's own metrics.

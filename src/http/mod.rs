@@ -6,6 +6,7 @@ pub mod audit;
 pub mod embeddings;
 pub mod extract;
 pub mod health;
+pub mod limit;
 pub mod metrics;
 pub mod models;
 pub mod openapi;
@@ -31,6 +32,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
     let tracked = state.clone();
+    let limited = state.clone();
     let timeout = state.config.request_timeout();
     let body_limit = state.config.body_limit_bytes;
     let model_limit = state.config.model_upload_limit_bytes;
@@ -111,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(uploads)
         .layer(middleware::map_response(problem_for_bare_errors))
+        .layer(middleware::from_fn_with_state(limited, limit::limit))
         .layer(middleware::from_fn_with_state(tracked, metrics::track))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::new())

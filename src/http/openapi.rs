@@ -46,7 +46,7 @@ use utoipa::{Modify, OpenApi};
         crate::http::metrics::metrics
     ),
     components(schemas(crate::error::Problem, crate::domain::contract::FieldError, analyses::BatchAccepted)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     tags(
         (name = "analyses", description = "Submit analyses and read their results"),
         (name = "models", description = "The model catalogue: cards, input contracts, versions"),
@@ -72,6 +72,54 @@ impl Modify for BearerAuth {
                 .into(),
         );
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// Every `/v1` operation may answer 429 when the client's rate limit is spent.
+struct RateLimited;
+
+impl Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{Content, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
+        let seconds = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1));
+        let response = ResponseBuilder::new()
+            .description(
+                "The client's rate limit is spent (ONKOS_RATE_LIMIT_PER_SECOND, per bearer token); \
+                 retry after the seconds Retry-After gives",
+            )
+            .header(
+                "Retry-After",
+                HeaderBuilder::new()
+                    .schema(Some(seconds))
+                    .description(Some("Seconds to wait before the next request"))
+                    .build(),
+            )
+            .content(
+                crate::error::PROBLEM_JSON,
+                Content::new(Some(Ref::from_schema_name("Problem"))),
+            )
+            .build();
+        for (path, item) in &mut openapi.paths.paths {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                operation
+                    .responses
+                    .responses
+                    .insert("429".into(), RefOr::T(response.clone()));
+            }
+        }
     }
 }
 

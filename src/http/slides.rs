@@ -28,6 +28,7 @@ use uuid::Uuid;
 #[into_params(parameter_in = Query)]
 pub struct UploadParams {
     /// The file's name as the scanner wrote it (kept for people; the format is read from the bytes).
+    #[param(max_length = 255, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub filename: Option<String>,
 }
 
@@ -103,6 +104,7 @@ impl Drop for Staged {
         (status = 413, description = "The file exceeds ONKOS_SLIDE_UPLOAD_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/octet-stream, or not a slide format onkos reads", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A supported format, but broken, truncated or not a whole-slide image", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage is full or unreachable, or the database is down: nothing was kept", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn upload(
     State(state): State<AppState>,
@@ -169,13 +171,17 @@ pub async fn upload(
     }
     let id = Uuid::now_v7();
     let blob_key = format!("slides/{id}");
-    state.blobs.put_file(&blob_key, &staged.0).await?;
+    state
+        .blobs
+        .put_file(&blob_key, &staged.0)
+        .await
+        .map_err(not_stored)?;
     // An archive's extracted files go with it.
     let unpacked = crate::slides::archive::folder_of(&staged.0);
     if unpacked.is_dir() {
         tokio::fs::rename(
             &unpacked,
-            crate::slides::archive::folder_of(&state.blobs.path_of(&blob_key)),
+            crate::slides::archive::folder_of(&state.blobs.local_path(&blob_key)),
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot store the extracted archive: {e}"))?;
@@ -221,7 +227,7 @@ pub async fn upload(
             // moved file (and an archive's extracted files) are not referenced by any row.
             state.blobs.delete(&blob_key).await?;
             let _ = tokio::fs::remove_dir_all(crate::slides::archive::folder_of(
-                &state.blobs.path_of(&blob_key),
+                &state.blobs.local_path(&blob_key),
             ))
             .await;
             outcome?;
@@ -289,11 +295,24 @@ pub(crate) async fn stage(
     })
 }
 
+/// An upload that could not be written (a full volume, an unreachable object store): 503, and the
+/// staged file goes with the request, so nothing is half-kept.
+pub(crate) fn not_stored(e: anyhow::Error) -> ApiError {
+    tracing::error!(error = format!("{e:#}"), "an upload could not be stored");
+    ApiError::Unavailable(
+        "the upload could not be stored (storage is full or unreachable); nothing was kept, try again later"
+            .into(),
+    )
+}
+
 /// Streams the body into `path`, hashing it; 413 as soon as it passes `limit`.
 async fn stream_to(path: &PathBuf, body: Body, limit: u64) -> ApiResult<(String, i64)> {
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot stage an upload at {}: {e}", path.display()))?;
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| {
+        not_stored(anyhow::anyhow!(
+            "cannot stage an upload at {}: {e}",
+            path.display()
+        ))
+    })?;
     let mut hash = Sha256::new();
     let mut size: u64 = 0;
     let mut stream = body.into_data_stream();
@@ -307,11 +326,11 @@ async fn stream_to(path: &PathBuf, body: Body, limit: u64) -> ApiResult<(String,
         hash.update(&chunk);
         file.write_all(&chunk)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot write the staged upload: {e}"))?;
+            .map_err(|e| not_stored(anyhow::anyhow!("cannot write the staged upload: {e}")))?;
     }
     file.flush()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot write the staged upload: {e}"))?;
+        .map_err(|e| not_stored(anyhow::anyhow!("cannot write the staged upload: {e}")))?;
     if size == 0 {
         return Err(ApiError::Validation(vec![FieldError::new(
             "body",
@@ -365,7 +384,7 @@ pub async fn thumbnail(
     let record = repo::slides::find(&state.pool, &principal.tenant, Key::Id(id))
         .await?
         .ok_or(ApiError::NotFound)?;
-    let path = state.blobs.path_of(&record.blob_key);
+    let path = state.blobs.fetch(&record.blob_key).await?;
     let png = tokio::task::spawn_blocking(move || {
         crate::slides::slide::Slide::open(&path, 1)?
             .overview(1024)?

@@ -29,12 +29,34 @@ pub const EVENTS: [&str; 5] = [
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// Where events are POSTed (http or https; https outside a trusted network).
+    #[schema(
+        max_length = 2048,
+        pattern = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$"
+    )]
     pub url: String,
     /// The HMAC-SHA256 key for `Onkos-Signature`, 16–256 characters. Never shown again.
+    #[schema(min_length = 16, max_length = 256)]
     pub secret: String,
     /// Any of `analysis.queued`, `analysis.running`, `analysis.succeeded`, `analysis.failed`,
     /// `analysis.cancelled`.
+    #[schema(value_type = Vec<WebhookEvent>, min_items = 1)]
     pub events: Vec<String>,
+}
+
+/// An analysis state change a webhook can subscribe to (documents `events`; see `EVENTS`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum WebhookEvent {
+    #[serde(rename = "analysis.queued")]
+    Queued,
+    #[serde(rename = "analysis.running")]
+    Running,
+    #[serde(rename = "analysis.succeeded")]
+    Succeeded,
+    #[serde(rename = "analysis.failed")]
+    Failed,
+    #[serde(rename = "analysis.cancelled")]
+    Cancelled,
 }
 
 impl std::fmt::Debug for CreateWebhook {
@@ -89,6 +111,7 @@ pub struct DeliveryList {
 #[into_params(parameter_in = Query)]
 pub struct DeliveryParams {
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 

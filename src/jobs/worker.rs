@@ -384,7 +384,12 @@ impl Worker {
             Ok(None) => return Attempt::Permanent(format!("slide {slide_id} no longer exists")),
             Err(e) => return Attempt::Transient(format!("the slide record cannot be read: {e}")),
         };
-        let path = self.registry.blobs().path_of(&slide.blob_key);
+        let path = match self.registry.blobs().fetch(&slide.blob_key).await {
+            Ok(path) => path,
+            Err(e) => {
+                return Attempt::Transient(format!("the slide file cannot be fetched: {e:#}"));
+            }
+        };
         let handle = tokio::runtime::Handle::current();
         let (pool, worker, claimed) = (self.pool.clone(), self.id, job.clone());
         let loaded = Arc::clone(model);
@@ -595,7 +600,12 @@ impl Worker {
                 return Attempt::Transient(format!("the embeddings record cannot be read: {e}"));
             }
         };
-        let path = self.registry.blobs().path_of(&record.blob_key);
+        let path = match self.registry.blobs().fetch(&record.blob_key).await {
+            Ok(path) => path,
+            Err(e) => {
+                return Attempt::Transient(format!("the embeddings file cannot be fetched: {e:#}"));
+            }
+        };
         let loaded = Arc::clone(model);
         let wait_ms = queue_wait_ms(job);
         let run =
@@ -625,9 +635,14 @@ impl Worker {
             match attempt {
                 Attempt::Done {
                     result,
-                    timings,
+                    mut timings,
                     tiles: scores,
                 } => {
+                    // Which worker process ran it: with several, an operator can trace a result
+                    // to the machine and the log that produced it.
+                    if let Some(fields) = timings.as_object_mut() {
+                        fields.insert("worker".into(), json!(self.id));
+                    }
                     successes.push(Success {
                         job,
                         result,

@@ -73,6 +73,11 @@ impl Registry {
         tenant: &TenantId,
         name: &str,
     ) -> anyhow::Result<Option<Arc<LoadedModel>>> {
+        // A name no model can have is not looked up (nor cached: random names would crowd out
+        // the real ones).
+        if !register::is_model_name(name) {
+            return Ok(None);
+        }
         let key = (tenant.as_str().to_owned(), name.to_owned());
         let fresh = self.active.read().ok().and_then(|a| {
             a.get(&key)

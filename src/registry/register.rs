@@ -168,12 +168,16 @@ pub(super) fn smoke_test(manifest: &Manifest, onnx: &OnnxModel) -> anyhow::Resul
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), RegisterError> {
-    let ok = (2..=64).contains(&name.len())
+/// 2-64 characters of a-z, 0-9 and '-': what a model may be named.
+pub(crate) fn is_model_name(name: &str) -> bool {
+    (2..=64).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_name(name: &str) -> Result<(), RegisterError> {
+    if is_model_name(name) {
         Ok(())
     } else {
         Err(RegisterError::Invalid(format!(

@@ -105,6 +105,8 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         // Tests step webhook delivery themselves, to receivers on 127.0.0.1.
         webhooks: false,
         webhook_allow_private_networks: true,
+        // Tests send requests as fast as they can; the limit's own test sets one.
+        rate_limit_per_second: 0,
         // OpenSlide runs in child processes of onkos itself, not of the test binary.
         slide_reader: Some(PathBuf::from(env!("CARGO_BIN_EXE_onkos"))),
         ..Config::default()

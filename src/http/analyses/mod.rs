@@ -24,11 +24,13 @@ use uuid::Uuid;
 #[allow(dead_code)] // Documents the body; it is parsed field by field so that every error is reported.
 pub struct CreateAnalysisRequest {
     /// A model name from `GET /v1/models`, e.g. `breast-fna-malignancy`.
+    #[schema(pattern = "^[a-z0-9-]{2,64}$")]
     pub model: String,
     /// Feature name → value. Names and units are the model's inputs; no other key is accepted.
     #[schema(value_type = Object, example = json!({"mean_radius": 17.99, "mean_texture": 10.38}))]
     pub features: BTreeMap<String, Value>,
     /// The caller's opaque reference (accession number, specimen id); stored and echoed, never parsed.
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub subject: Option<String>,
     #[schema(default = "routine")]
     pub priority: Option<Priority>,
@@ -39,12 +41,14 @@ pub struct CreateAnalysisRequest {
 #[serde(deny_unknown_fields)]
 pub struct SlideAnalysisRequest {
     /// A slide model, e.g. `he-stain-quantification`.
+    #[schema(pattern = "^[a-z0-9-]{2,64}$")]
     pub model: String,
     /// The id `POST /v1/slides` answered.
     pub slide: Uuid,
     /// µm per level-0 pixel, only for a slide whose file states none (one that contradicts the
     /// file is refused).
     pub mpp: Option<f64>,
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub subject: Option<String>,
     #[schema(default = "routine")]
     pub priority: Option<Priority>,
@@ -55,9 +59,11 @@ pub struct SlideAnalysisRequest {
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingsAnalysisRequest {
     /// A model whose modality is `embeddings`.
+    #[schema(pattern = "^[a-z0-9-]{2,64}$")]
     pub model: String,
     /// The id `POST /v1/embeddings` answered.
     pub embeddings: Uuid,
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub subject: Option<String>,
     #[schema(default = "routine")]
     pub priority: Option<Priority>,
@@ -109,6 +115,8 @@ pub struct Timings {
     /// How the analysis was run: `queue` (claimed from the queue by a worker, batched with others)
     /// or `inline` (run at submission while its submitter waited, and stored finished).
     pub dispatch: Option<String>,
+    /// The worker process that ran it from the queue (its id is in that worker's log lines).
+    pub worker: Option<Uuid>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -121,6 +129,7 @@ pub struct Progress {
 pub struct AnalysisView {
     pub id: AnalysisId,
     pub status: Status,
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub subject: Option<String>,
     pub priority: Priority,
     /// Set when the analysis came from a CSV batch.
@@ -148,9 +157,11 @@ pub struct AnalysisView {
 pub struct AnalysisSummary {
     pub id: AnalysisId,
     pub status: Status,
+    #[schema(max_length = 256, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub subject: Option<String>,
     pub priority: Priority,
     pub batch_id: Option<Uuid>,
+    #[schema(pattern = "^[a-z0-9-]{2,64}$")]
     pub model: String,
     pub model_version: String,
     pub created_at: DateTime<Utc>,
@@ -216,6 +227,12 @@ pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<
                 .and_then(|t| t.get("dispatch"))
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            worker: r
+                .timings
+                .as_ref()
+                .and_then(|t| t.get("worker"))
+                .and_then(Value::as_str)
+                .and_then(|w| Uuid::parse_str(w).ok()),
         },
         progress: match (r.progress_done, r.progress_total) {
             (Some(tiles_done), Some(tiles_total))

@@ -122,7 +122,7 @@ pub async fn heatmap(
     let slide = repo::slides::find(&state.pool, &principal.tenant, Key::Id(slide_id))
         .await?
         .ok_or(ApiError::NotFound)?;
-    let path = state.blobs.path_of(&slide.blob_key);
+    let path = state.blobs.fetch(&slide.blob_key).await?;
     let (width, height) = (slide.width, slide.height);
     let (png, scale) = tokio::task::spawn_blocking(move || {
         let overview = Slide::open(&path, 1)?.overview(HEATMAP_SIDE)?;
@@ -278,7 +278,7 @@ pub async fn evidence(
     let slide = repo::slides::find(&state.pool, &principal.tenant, Key::Id(slide_id))
         .await?
         .ok_or(ApiError::NotFound)?;
-    let path = state.blobs.path_of(&slide.blob_key);
+    let path = state.blobs.fetch(&slide.blob_key).await?;
     let jpeg = tokio::task::spawn_blocking(move || {
         let side = (size / downsample).round() as u32;
         let crop = Slide::open(&path, 1)?.region(

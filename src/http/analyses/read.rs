@@ -24,6 +24,7 @@ use uuid::Uuid;
 pub struct GetParams {
     /// Long poll: answer as soon as the analysis is final, or after this long (e.g. `30s`, `1500ms`),
     /// whichever is first. Capped by the server (`ONKOS_MAX_WAIT_SECS`).
+    #[param(pattern = "^[0-9]{1,9}(ms|s|m)?$")]
     pub wait: Option<String>,
 }
 
@@ -144,14 +145,17 @@ pub(crate) async fn read_when_final(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Page size, 1–200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
     /// Only analyses older than this id (the previous page's `next_before`).
     pub before: Option<Uuid>,
     /// Only analyses in this state.
     pub status: Option<Status>,
     /// Only analyses of this model.
+    #[param(pattern = "^[^\\u0000]*$")]
     pub model: Option<String>,
     /// Only analyses with this subject.
+    #[param(pattern = "^[^\\u0000]*$")]
     pub subject: Option<String>,
     /// Only the analyses of this CSV batch.
     pub batch: Option<Uuid>,

@@ -43,11 +43,13 @@ const SUBJECT_COLUMN: &str = "subject";
 #[into_params(parameter_in = Query)]
 pub struct SubmitParams {
     /// CSV batches only: the model every row is analysed with.
+    #[param(pattern = "^[a-z0-9-]{2,64}$")]
     pub model: Option<String>,
     /// CSV batches only: the priority of every row (default routine).
     pub priority: Option<Priority>,
     /// JSON only: wait up to this long (e.g. `10s`) for the result and answer 200 with the finished
     /// analysis, as a synchronous call would; 202 as usual if it is not final by then.
+    #[param(pattern = "^[0-9]{1,9}(ms|s|m)?$")]
     pub wait: Option<String>,
 }
 

@@ -80,6 +80,7 @@ fn view(
             infer_ms: None,
             batch_size: None,
             dispatch: None,
+            worker: None,
         },
         progress: None,
         execution_provider: None,
