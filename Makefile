@@ -11,12 +11,12 @@ ORT_LIB := $(ORT_DIR)/libonnxruntime.so.$(ORT_VERSION)
 export ORT_DYLIB_PATH ?= $(ORT_LIB)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps postgres openslide lint openapi sqlx-prepare models bench bench-slides
+.PHONY: run test deps postgres openslide lint openapi sqlx-prepare models bench bench-slides fuzz
 
 run: deps
 	cargo run --release --locked -- serve
 
-test: deps target/fhir-venv/bin/python target/moto-venv/bin/moto_server
+test: deps target/fhir-venv/bin/python target/moto-venv/bin/moto_server target/st-venv/bin/st
 	cargo fmt --all -- --check
 	docker/check.sh
 	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
@@ -93,3 +93,26 @@ target/moto-venv/bin/moto_server: tests/s3/requirements.txt
 	rm -rf target/moto-venv && python3 -m venv target/moto-venv
 	target/moto-venv/bin/pip install --quiet -r tests/s3/requirements.txt
 	touch $@
+
+# Schemathesis, which the hostile-input tests run against the served OpenAPI document (pinned).
+target/st-venv/bin/st: tests/schemathesis/requirements.txt
+	@python3 -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends python3-venv; }
+	rm -rf target/st-venv && python3 -m venv target/st-venv
+	target/st-venv/bin/pip install --quiet -r tests/schemathesis/requirements.txt
+	touch $@
+
+# libFuzzer over every parser onkos owns (tests/fuzz, src/fuzzing.rs), FUZZ_SECONDS each. Stable
+# Rust, so without a sanitizer (`-s none`); with a nightly toolchain, run
+# `cargo +nightly fuzz run --fuzz-dir tests/fuzz <target>` by hand for AddressSanitizer.
+# New inputs go to target/fuzz-corpus/<target>, crashes to tests/fuzz/artifacts/<target>.
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS ?= -s none
+FUZZ_TARGETS := manifest features csv_batch embeddings tiff archive
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p target/fuzz-corpus/$$t && \
+		SQLX_OFFLINE=true cargo fuzz run --fuzz-dir tests/fuzz --target-dir target/fuzz $(FUZZ_FLAGS) $$t \
+			target/fuzz-corpus/$$t tests/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 \
+		|| exit 1; \
+	done

@@ -61,11 +61,14 @@ pub fn database_unreachable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed => true,
-        // SQLSTATE class 08 (connection exception), 57 (operator intervention: shutdown,
-        // crash recovery, "cannot connect now") and 53300 (too many connections).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c == "53300"),
+        // SQLSTATE class 08 (connection exception), 53 (insufficient resources: disk full, out of
+        // memory, too many connections), 57 (operator intervention: shutdown, crash recovery,
+        // "cannot connect now") and 58 (system error: the server's own files or I/O).
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }),
         _ => false,
     }
 }

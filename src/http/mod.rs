@@ -150,9 +150,12 @@ pub fn router(state: AppState) -> Router {
 /// any error response that is not already a problem document into one, so clients parse one format.
 async fn problem_for_bare_errors(response: Response) -> Response {
     let status = response.status();
-    let is_problem =
-        response.headers().get(CONTENT_TYPE) == Some(&HeaderValue::from_static(PROBLEM_JSON));
-    if status.as_u16() < 400 || is_problem {
+    // A problem already, or a JSON document a handler chose to send with the status (`/readyz`).
+    let typed = response.headers().get(CONTENT_TYPE).is_some_and(|t| {
+        t == HeaderValue::from_static(PROBLEM_JSON)
+            || t == HeaderValue::from_static("application/json")
+    });
+    if status.as_u16() < 400 || typed {
         return response;
     }
     let error = match status {

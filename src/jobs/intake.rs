@@ -28,9 +28,7 @@ pub enum IntakeError {
 impl From<sqlx::Error> for IntakeError {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable
-            }
+            e if crate::error::database_unreachable(&e) => Self::Unavailable,
             other => Self::Failed(other.to_string()),
         }
     }

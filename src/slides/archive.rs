@@ -73,7 +73,7 @@ fn extract(archive: &Path, folder: &Path, limit: u64) -> Result<(), SlideError> 
             let Some(name) = entry.enclosed_name() else {
                 return Err(invalid(format!(
                     "archive entry {:?} has an unsafe path",
-                    entry.name()
+                    entry.name().unwrap_or("(not UTF-8)".into())
                 )));
             };
             let target = partial.join(&name);

@@ -263,6 +263,9 @@ async fn two_apis_and_three_workers_on_one_database_and_one_bucket_finish_every_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_postgres_restarts_the_api_answers_503_and_no_accepted_analysis_is_lost() {
     use onkos::db::embedded::EmbeddedPostgres;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("onkos=error")
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let cluster_dir = dir.path().join("pg");
     let server = EmbeddedPostgres::start(&cluster_dir, None, "postgres")
@@ -296,6 +299,42 @@ async fn while_postgres_restarts_the_api_answers_503_and_no_accepted_analysis_is
         .unwrap();
     let bases = [base.clone()];
     let mut accepted = submit_cases(&client, &bases, &token, 20).await;
+
+    // Load throughout: four clients submit back to back until the database is back and answering.
+    let load_stop = tokio_util::sync::CancellationToken::new();
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url, token, stop) = (
+                client.clone(),
+                format!("{base}/v1/analyses"),
+                token.clone(),
+                load_stop.clone(),
+            );
+            let case = json!({"model": MODEL, "features": reference_rows()[1]["features"]});
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.is_cancelled() {
+                    let started = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&case)
+                        .send()
+                        .await
+                        .unwrap();
+                    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+                    let id = if status == 202 {
+                        let accepted: Value = response.json().await.unwrap();
+                        Some(accepted["id"].as_str().unwrap().to_owned())
+                    } else {
+                        None
+                    };
+                    outcomes.push((status, elapsed, id));
+                }
+                outcomes
+            })
+        })
+        .collect();
 
     server.stop().unwrap();
     let case = json!({"model": MODEL, "features": reference_rows()[0]["features"]});
@@ -360,6 +399,27 @@ async fn while_postgres_restarts_the_api_answers_503_and_no_accepted_analysis_is
         tokio::time::sleep(WATCH).await;
     }
     accepted.extend(submit_cases(&client, &bases, &token, 10).await);
+    load_stop.cancel();
+    let mut during = std::collections::BTreeMap::<u16, usize>::new();
+    for client in load {
+        for (status, elapsed, id) in client.await.unwrap() {
+            assert!(
+                matches!(status, 202 | 503),
+                "{status} under load while the database restarted"
+            );
+            assert!(
+                elapsed < Duration::from_secs(10),
+                "a request took {elapsed:?}"
+            );
+            *during.entry(status).or_default() += 1;
+            accepted.extend(id);
+        }
+    }
+    assert!(
+        during.contains_key(&503),
+        "the load saw the outage: {during:?}"
+    );
+    eprintln!("under load while Postgres restarted: {during:?}");
     let mut finished = 0;
     loop {
         match worker.step().await.unwrap() {

@@ -781,6 +781,27 @@ fn prepare_csv(
     }
     .map_err(|e| ApiError::Validation(vec![e]))?;
     features_model(&model)?;
+    let valid_rows = csv_rows(&model.manifest, bytes)?;
+    let per_row_ms = started.elapsed().as_secs_f64() * 1e3 / valid_rows.len() as f64;
+    let analyses = valid_rows
+        .into_iter()
+        .map(|(valid, subject)| new_analysis(valid, subject.as_deref(), per_row_ms))
+        .collect();
+    Ok(Prepared {
+        model,
+        priority: params.priority.unwrap_or_default(),
+        batch_id: Some(Uuid::now_v7()),
+        analyses,
+        row: None,
+    })
+}
+
+/// The rows of a CSV batch (a header row of feature names, an optional `subject` column), each
+/// checked against `manifest`: all of them, or every error with its row and column.
+pub(crate) fn csv_rows(
+    manifest: &crate::domain::contract::Manifest,
+    bytes: &[u8],
+) -> ApiResult<Vec<(ValidFeatures, Option<String>)>> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(bytes);
@@ -813,7 +834,7 @@ fn prepare_csv(
             } else if !cell.is_empty() {
                 features.insert(
                     name.clone(),
-                    cell_value(cell, model.manifest.is_categorical(name)),
+                    cell_value(cell, manifest.is_categorical(name)),
                 );
             }
         }
@@ -824,7 +845,7 @@ fn prepare_csv(
                 None
             }
         };
-        match model.manifest.validate_features(&features) {
+        match manifest.validate_features(&features) {
             Ok(valid) => valid_rows.push((valid, subject)),
             Err(row_errors) => errors.extend(row_errors.into_iter().map(|e| row_error(row, e))),
         }
@@ -840,18 +861,7 @@ fn prepare_csv(
         errors.truncate(MAX_REPORTED_ERRORS);
         return Err(ApiError::Validation(errors));
     }
-    let per_row_ms = started.elapsed().as_secs_f64() * 1e3 / valid_rows.len() as f64;
-    let analyses = valid_rows
-        .into_iter()
-        .map(|(valid, subject)| new_analysis(valid, subject.as_deref(), per_row_ms))
-        .collect();
-    Ok(Prepared {
-        model,
-        priority: params.priority.unwrap_or_default(),
-        batch_id: Some(Uuid::now_v7()),
-        analyses,
-        row: None,
-    })
+    Ok(valid_rows)
 }
 
 /// A CSV cell as the JSON value a caller would have sent: a categorical level stays text; otherwise a
