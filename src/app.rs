@@ -150,10 +150,15 @@ impl Application {
         self.deliverer.clone()
     }
 
-    /// Runs only the worker (no HTTP) until `shutdown`: `onkos worker`, one of many sharing a database.
+    /// Runs only the worker until `shutdown`: `onkos worker`, one of many sharing a database. Its
+    /// HTTP port serves only `/metrics`, `/healthz` and `/readyz`, for the scraper and the
+    /// orchestrator of a GPU node.
     pub async fn run_worker(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let poll = Duration::from_millis(self.state.config.worker_poll_ms);
-        drop(self.listener);
+        tracing::info!(addr = %self.local_addr(), "worker probes and metrics listening");
+        let probes = axum::serve(self.listener, crate::http::probes(self.state.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let probes = tokio::spawn(async move { probes.await });
         let deliverer = self
             .state
             .config
@@ -163,6 +168,7 @@ impl Application {
         if let Some(deliverer) = deliverer {
             deliverer.await?;
         }
+        probes.await??;
         if let Some(database) = self.database {
             database.close().await?;
         }

@@ -148,6 +148,16 @@ pub fn router(state: AppState) -> Router {
 
 /// Layers outside our handlers (timeout, panic catcher, body limits) answer with bare bodies; turn
 /// any error response that is not already a problem document into one, so clients parse one format.
+/// What a worker-only process serves: its metrics and the probes, nothing of the API.
+pub fn probes(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(state)
+}
+
 async fn problem_for_bare_errors(response: Response) -> Response {
     let status = response.status();
     // A problem already, or a JSON document a handler chose to send with the status (`/readyz`).

@@ -199,7 +199,7 @@ async fn two_apis_and_three_workers_on_one_database_and_one_bucket_finish_every_
         let mut command = processes::command("api", &url, dir.path());
         command.env("ONKOS_AUTH_PUBLIC_KEY", &public_key);
         processes::on_s3(&mut command, &moto, "fleet");
-        apis.push(processes::start_api(command).await);
+        apis.push(processes::start_serving(command).await);
     }
     let bases: Vec<String> = apis.iter().map(|(_, base)| base.clone()).collect();
     let mut workers = Vec::new();
@@ -207,7 +207,8 @@ async fn two_apis_and_three_workers_on_one_database_and_one_bucket_finish_every_
         let mut command = processes::command("worker", &url, dir.path());
         command.env("ONKOS_WORKER_BATCH_SIZE", "8");
         processes::on_s3(&mut command, &moto, "fleet");
-        workers.push(processes::start_worker(command, dir.path()));
+        // A worker serves its metrics and probes: its address is read from its log like an API's.
+        workers.push(processes::start_serving(command).await);
     }
     let token = keys
         .mint(
@@ -241,6 +242,27 @@ async fn two_apis_and_three_workers_on_one_database_and_one_bucket_finish_every_
         "select count(distinct timings->>'worker') from results",
     )
     .await;
+    // Each worker's own count, scraped from its /metrics, adds up to the work done.
+    let mut scraped = 0.0;
+    for (_, base) in &workers {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        scraped += text
+            .lines()
+            .filter(|l| l.starts_with("onkos_analyses_total{outcome=\"succeeded\"}"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>();
+    }
+    assert_eq!(
+        scraped, 401.0,
+        "the workers' metrics count every analysis once"
+    );
     assert!(busy >= 2, "the work was shared: {busy} workers ran jobs");
     // The second API never had the slide: it fetches it from the bucket to paint the heatmap.
     let heatmap = client

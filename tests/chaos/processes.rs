@@ -55,8 +55,8 @@ pub fn start_worker(mut command: Command, data_dir: &Path) -> Child {
     command.stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
-/// Starts an API process and returns it with its base URL, once it listens.
-pub async fn start_api(mut command: Command) -> (Child, String) {
+/// Starts an API or worker process and returns it with its base URL, once it listens.
+pub async fn start_serving(mut command: Command) -> (Child, String) {
     let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -66,7 +66,7 @@ pub async fn start_api(mut command: Command) -> (Child, String) {
     let mut seen = Vec::new();
     let base = loop {
         let Some(line) = log.next_line().await.unwrap() else {
-            panic!("onkos api exited before listening:\n{}", seen.join("\n"));
+            panic!("onkos exited before listening:\n{}", seen.join("\n"));
         };
         if let Some(addr) = line
             .split("addr=")
