@@ -98,8 +98,28 @@ struct Directory {
     source_lens: Option<f64>,
 }
 
+/// Runs third-party decoding of untrusted bytes: a panic inside it (a decoder bug a crafted file
+/// triggers; libFuzzer found one in the `tiff` crate) becomes the file's error, not a failed
+/// request or a lost worker thread.
+pub(crate) fn guarded<T>(
+    what: &str,
+    decode: impl FnOnce() -> Result<T, SlideError>,
+) -> Result<T, SlideError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|_| {
+        Err(SlideError::Invalid(format!(
+            "{what}: the decoder failed on this file"
+        )))
+    })
+}
+
 /// Reads the slide's structure (not its pixels). Blocking: run it off the async threads.
 pub fn inspect(file: impl Read + Seek) -> Result<SlideInfo, SlideError> {
+    guarded("the TIFF structure cannot be read", || {
+        inspect_unguarded(file)
+    })
+}
+
+fn inspect_unguarded(file: impl Read + Seek) -> Result<SlideInfo, SlideError> {
     let broken =
         |e: tiff::TiffError| SlideError::Invalid(format!("the TIFF structure cannot be read: {e}"));
     let mut decoder = Decoder::new(file).map_err(broken)?;

@@ -82,6 +82,12 @@ impl TiledSlide {
     /// Opens the slide's tiled levels. A slide whose levels are stored in strips (NDPI) is refused
     /// with a reason; it is not read at the wrong resolution or guessed at.
     pub fn open(path: &Path) -> Result<Self, SlideError> {
+        super::guarded("the TIFF structure cannot be read", || {
+            Self::open_unguarded(path)
+        })
+    }
+
+    fn open_unguarded(path: &Path) -> Result<Self, SlideError> {
         let broken = |e: tiff::TiffError| {
             SlideError::Invalid(format!("the TIFF structure cannot be read: {e}"))
         };
@@ -164,6 +170,13 @@ impl TiledSlide {
     /// One tile, decoded to RGB at the level's full tile size (edge tiles include the padding the
     /// file stores).
     pub fn tile(&self, level: usize, col: u32, row: u32) -> Result<Rgb, SlideError> {
+        super::guarded(
+            &format!("tile {col},{row} of level {level} cannot be read"),
+            || self.tile_unguarded(level, col, row),
+        )
+    }
+
+    fn tile_unguarded(&self, level: usize, col: u32, row: u32) -> Result<Rgb, SlideError> {
         let l = self
             .levels
             .get(level)

@@ -225,6 +225,14 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
             [vec![0u8; 128], b"DICX".to_vec(), noise(1024, 7)].concat(),
         ),
         ("64 KiB of noise".into(), noise(64 << 10, 42)),
+        (
+            "libFuzzer's finding: a TIFF that panicked the tiff crate (an empty SampleFormat)"
+                .into(),
+            std::fs::read(repo_path(
+                "tests/fuzz/corpus/tiff/finding-empty-sample-format.tiff",
+            ))
+            .unwrap(),
+        ),
     ];
     corpus.append(&mut bogus);
     corpus
