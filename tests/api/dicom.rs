@@ -3,7 +3,7 @@
 //! converted with wsidicomizer (its JPEG tiles copied as they are) plus a second, uncompressed
 //! level and a thumbnail of the same series.
 
-use crate::helpers::{TestApp, assert_problem, repo_path};
+use crate::helpers::{TestApp, assert_problem, repo_path, zipped};
 use crate::slides::{STAIN, fixture};
 use onkos::slides::read::TiledSlide;
 use serde_json::Value;
@@ -170,19 +170,6 @@ async fn dicom_files_that_are_not_readable_slides_are_refused_with_the_reason() 
         "{problem}"
     );
     assert_eq!(app.rows("slides").await, 0);
-}
-
-/// A zip of (name, bytes) entries, deflated.
-fn zipped(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    use std::io::Write;
-    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for (name, bytes) in entries {
-        out.start_file(*name, options).unwrap();
-        out.write_all(bytes).unwrap();
-    }
-    out.finish().unwrap().into_inner()
 }
 
 async fn post_slide(app: &TestApp, token: &str, bytes: Vec<u8>) -> reqwest::Response {

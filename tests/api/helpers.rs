@@ -370,3 +370,16 @@ pub fn class_probability(analysis: &Value, label: &str) -> f64 {
         .as_f64()
         .unwrap()
 }
+
+/// A zip of (name, bytes) entries, deflated.
+pub fn zipped(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        out.start_file(*name, options).unwrap();
+        out.write_all(bytes).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}

@@ -10,7 +10,7 @@
 #[allow(dead_code)]
 mod helpers;
 
-use helpers::{MODEL, TestApp, assert_problem, reference_rows, repo_path};
+use helpers::{MODEL, TestApp, assert_problem, reference_rows, repo_path, zipped};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::PathBuf;
@@ -110,17 +110,6 @@ fn tiled_level(width: u32, height: u32, at: u32, tile: u32) -> Vec<(u16, u16, u3
     ]
 }
 
-fn zipped(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for (name, bytes) in entries {
-        out.start_file(*name, options).unwrap();
-        out.write_all(bytes).unwrap();
-    }
-    out.finish().unwrap().into_inner()
-}
-
 /// A MIRAX archive whose data file is 64 MiB of zeros: about 64 KiB compressed.
 fn zip_bomb() -> Vec<u8> {
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
@@ -206,13 +195,13 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
         ("a zip bomb as a MIRAX archive".into(), zip_bomb()),
         (
             "an archive entry whose path leaves its folder".into(),
-            zipped(&[("../../escaped.mrxs", b"[GENERAL]\n")]),
+            zipped(&[("../../escaped.mrxs", b"[GENERAL]\n".to_vec())]),
         ),
         (
             "a TIFF header in front of a zip".into(),
             [
                 b"II*\0\x08\0\0\0".as_slice(),
-                &zipped(&[("case.mrxs", b"x")]),
+                &zipped(&[("case.mrxs", b"x".to_vec())]),
             ]
             .concat(),
         ),
