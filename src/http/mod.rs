@@ -146,8 +146,6 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// Layers outside our handlers (timeout, panic catcher, body limits) answer with bare bodies; turn
-/// any error response that is not already a problem document into one, so clients parse one format.
 /// What a worker-only process serves: its metrics and the probes, nothing of the API.
 pub fn probes(state: AppState) -> Router {
     Router::new()
@@ -158,6 +156,8 @@ pub fn probes(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Layers outside our handlers (timeout, panic catcher, body limits) answer with bare bodies; turn
+/// any error response that is not already a problem document into one, so clients parse one format.
 async fn problem_for_bare_errors(response: Response) -> Response {
     let status = response.status();
     // A problem already, or a JSON document a handler chose to send with the status (`/readyz`).
