@@ -21,6 +21,7 @@ test: deps target/fhir-venv/bin/python target/moto-venv/bin/moto_server target/s
 	docker/check.sh
 	SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 	SQLX_OFFLINE=true cargo test --locked --all-targets
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 
 deps: postgres openslide $(ORT_LIB)
 
@@ -101,18 +102,26 @@ target/st-venv/bin/st: tests/schemathesis/requirements.txt
 	target/st-venv/bin/pip install --quiet -r tests/schemathesis/requirements.txt
 	touch $@
 
-# libFuzzer over every parser onkos owns (tests/fuzz, src/fuzzing.rs), FUZZ_SECONDS each. Stable
-# Rust, so without a sanitizer (`-s none`); with a nightly toolchain, run
-# `cargo +nightly fuzz run --fuzz-dir tests/fuzz <target>` by hand for AddressSanitizer.
-# New inputs go to target/fuzz-corpus/<target>, crashes to tests/fuzz/artifacts/<target>.
+# libFuzzer over every parser onkos owns (tests/fuzz, src/fuzzing.rs), FUZZ_SECONDS each; `make test`
+# runs it for TEST_FUZZ_SECONDS each. The instrumented build is onkos without its `service` feature
+# (the parsers and their ~140 crates, not the service's ~500). Stable Rust, so without a sanitizer
+# (`-s none`); with a nightly toolchain, run `cargo +nightly fuzz run --fuzz-dir tests/fuzz <target>`
+# by hand for AddressSanitizer. New inputs go to target/fuzz-corpus/<target>, crashes to
+# tests/fuzz/artifacts/<target>.
 FUZZ_SECONDS ?= 60
+TEST_FUZZ_SECONDS ?= 10
 FUZZ_FLAGS ?= -s none
-FUZZ_TARGETS := manifest features csv_batch embeddings tiff archive
-fuzz: deps
-	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-	for t in $(FUZZ_TARGETS); do \
-		mkdir -p target/fuzz-corpus/$$t && \
-		SQLX_OFFLINE=true cargo fuzz run --fuzz-dir tests/fuzz --target-dir target/fuzz $(FUZZ_FLAGS) $$t \
-			target/fuzz-corpus/$$t tests/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 \
-		|| exit 1; \
+FUZZ_TARGETS := manifest features csv_batch embeddings tiff dicom archive
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+	cargo fuzz build --fuzz-dir tests/fuzz --target-dir target/fuzz $(FUZZ_FLAGS)
+	@mkdir -p target/fuzz-logs; for t in $(FUZZ_TARGETS); do \
+		mkdir -p target/fuzz-corpus/$$t; \
+		if cargo fuzz run --fuzz-dir tests/fuzz --target-dir target/fuzz $(FUZZ_FLAGS) $$t \
+			target/fuzz-corpus/$$t tests/fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+			-rss_limit_mb=2048 -max_len=65536 > target/fuzz-logs/$$t.log 2>&1; then \
+			echo "fuzz $$t, $(FUZZ_SECONDS) s: nothing found; $$(grep -E '^#[0-9]+' target/fuzz-logs/$$t.log | tail -n 1)"; \
+		else \
+			tail -n 80 target/fuzz-logs/$$t.log; echo "fuzz $$t: FOUND a crash, a hang or a leak (log: target/fuzz-logs/$$t.log)"; exit 1; \
+		fi; \
 	done

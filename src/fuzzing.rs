@@ -41,7 +41,7 @@ pub fn features(data: &[u8]) {
 
 /// A CSV batch against a bundled model's contract.
 pub fn csv_batch(data: &[u8]) {
-    let _ = crate::http::analyses::submit::csv_rows(gbsg2(), data);
+    let _ = crate::domain::batch::csv_rows(gbsg2(), data);
 }
 
 /// Tile embeddings as `POST /v1/embeddings` receives them (safetensors).
@@ -79,9 +79,25 @@ pub fn tiff(data: &[u8]) {
     let Some(file) = Scratch::new(data) else {
         return;
     };
-    let Ok(slide) = crate::slides::read::TiledSlide::open(&file.0) else {
+    if let Ok(slide) = crate::slides::read::TiledSlide::open(&file.0) {
+        read_corners(&slide);
+    }
+}
+
+/// A DICOM WSI instance as an upload is inspected, then opened by the tile reader (its frame
+/// table), which reads the first and last tile of every level.
+pub fn dicom(data: &[u8]) {
+    let Some(file) = Scratch::new(data) else {
         return;
     };
+    let paths = [file.0.clone()];
+    let _ = crate::slides::dicom::inspect(&paths);
+    if let Ok(slide) = crate::slides::read::TiledSlide::open_dicom(&paths) {
+        read_corners(&slide);
+    }
+}
+
+fn read_corners(slide: &crate::slides::read::TiledSlide) {
     for (level, tiles) in slide.levels.iter().enumerate() {
         let _ = slide.tile(level, 0, 0);
         let (across, down) = (tiles.tiles_across(), tiles.tiles_down());
@@ -102,12 +118,13 @@ pub fn archive(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its corpus folder.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("manifest", manifest),
     ("features", features),
     ("csv_batch", csv_batch),
     ("embeddings", embeddings),
     ("tiff", tiff),
+    ("dicom", dicom),
     ("archive", archive),
 ];
 

@@ -292,28 +292,171 @@ fn sparse_positions(
         .collect()
 }
 
-/// Where Pixel Data's value starts and its length, by walking the top-level elements (explicit VR
-/// little endian, headers only); sequences nested deeper than `MAX_DEPTH` are refused.
+/// Where Pixel Data's value starts and its length, by walking every element's header (explicit VR
+/// little endian), into sequences and their items.
+///
+/// dicom-rs, which then parses the data set, reserves each value's declared length before reading
+/// it, so a few bytes declaring a 4 GiB value would cost 4 GiB. The walk is what it may trust:
+/// every VR is a standard one, every value and item fits inside what contains it (the file, a
+/// sequence or an item), sequences nest at most `MAX_DEPTH` deep, and the transfer syntax is one
+/// onkos reads (both are explicit VR little endian, as the walk assumes).
 fn locate_pixel_data<R: Read + Seek>(r: &mut R, size: u64) -> Result<(u64, u32), SlideError> {
     let broken = |e: std::io::Error| invalid(format!("the DICOM file is truncated or broken: {e}"));
     // Preamble and "DICM"; then group 0002 is explicit VR little endian too.
     r.seek(SeekFrom::Start(132)).map_err(broken)?;
     loop {
-        let (group, element, length) = element_header(r).map_err(broken)?;
+        let head = element_header(r).map_err(broken)?;
         let at = r.stream_position().map_err(broken)?;
-        if (group, element) == (0x7FE0, 0x0010) {
-            return Ok((at, length));
+        if (head.group, head.element) == (0x7FE0, 0x0010) {
+            return Ok((at, head.length));
         }
-        if length == u32::MAX {
-            skip_undefined(r, 0).map_err(broken)?;
-        } else {
-            if at + u64::from(length) > size {
-                return Err(invalid(
-                    "an element runs past the end of the file (truncated?)",
-                ));
+        if (head.group, head.element) == (0x0002, 0x0010) {
+            check_transfer_syntax(r, head.length, size, at).map_err(broken)??;
+            continue;
+        }
+        skip_value(r, &head, at, size, 0).map_err(broken)?;
+    }
+}
+
+/// Reads the meta group's Transfer Syntax UID and refuses one that onkos does not read before
+/// anything parses the data set in it.
+fn check_transfer_syntax<R: Read + Seek>(
+    r: &mut R,
+    length: u32,
+    size: u64,
+    at: u64,
+) -> std::io::Result<Result<(), SlideError>> {
+    if length > 64 || at + u64::from(length) > size {
+        return Err(std::io::Error::other(
+            "a Transfer Syntax UID longer than a UID",
+        ));
+    }
+    let mut value = vec![0_u8; length as usize];
+    r.read_exact(&mut value)?;
+    let syntax = String::from_utf8_lossy(&value);
+    let syntax = syntax.trim_end_matches(['\0', ' ']);
+    Ok(if syntax == JPEG_BASELINE || syntax == EXPLICIT_LE {
+        Ok(())
+    } else {
+        Err(SlideError::Unsupported(format!(
+            "DICOM transfer syntax {syntax} is not read (JPEG baseline and explicit little-endian are)"
+        )))
+    })
+}
+
+/// Skips one element's value, which starts at `at`, and must end by `end`: a sequence item by
+/// item and element by element, anything else by seeking past it.
+fn skip_value<R: Read + Seek>(
+    r: &mut R,
+    head: &Element,
+    at: u64,
+    end: u64,
+    depth: u32,
+) -> std::io::Result<()> {
+    if head.length == u32::MAX {
+        return match &head.vr {
+            b"SQ" => skip_items(r, None, end, depth + 1),
+            // Encapsulated pixel data (an icon's, say): fragments, each an item of defined length.
+            b"OB" | b"OW" => skip_fragments(r, end),
+            _ => Err(std::io::Error::other(format!(
+                "an undefined length on a {} value",
+                String::from_utf8_lossy(&head.vr)
+            ))),
+        };
+    }
+    let value_end = at + u64::from(head.length);
+    if value_end > end {
+        return Err(std::io::Error::other(
+            "an element runs past what contains it (the file, a sequence or an item)",
+        ));
+    }
+    if &head.vr == b"SQ" {
+        skip_items(r, Some(value_end), end, depth + 1)
+    } else {
+        r.seek(SeekFrom::Start(value_end)).map(drop)
+    }
+}
+
+/// Skips a sequence's items: up to `until` when its length is defined, else to its delimiter,
+/// never past `end`.
+fn skip_items<R: Read + Seek>(
+    r: &mut R,
+    until: Option<u64>,
+    end: u64,
+    depth: u32,
+) -> std::io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "sequences nested more than {MAX_DEPTH} deep"
+        )));
+    }
+    let end = until.unwrap_or(end);
+    loop {
+        let at = r.stream_position()?;
+        if until == Some(at) {
+            return Ok(());
+        }
+        let (element, length) = item_header(r)?;
+        let start = at + 8;
+        match element {
+            0xE0DD if until.is_none() => return Ok(()),
+            0xE000 if length == u32::MAX => skip_item_elements(r, None, end, depth)?,
+            0xE000 => {
+                let item_end = start + u64::from(length);
+                if item_end > end {
+                    return Err(std::io::Error::other(
+                        "an item runs past its sequence or the file",
+                    ));
+                }
+                skip_item_elements(r, Some(item_end), end, depth)?;
             }
-            r.seek(SeekFrom::Current(i64::from(length)))
-                .map_err(broken)?;
+            _ => return Err(std::io::Error::other("unexpected delimiter")),
+        }
+    }
+}
+
+/// Skips an item's elements: up to `until` when its length is defined, else to its delimiter.
+fn skip_item_elements<R: Read + Seek>(
+    r: &mut R,
+    until: Option<u64>,
+    end: u64,
+    depth: u32,
+) -> std::io::Result<()> {
+    let end = until.unwrap_or(end);
+    loop {
+        let at = r.stream_position()?;
+        if until == Some(at) {
+            return Ok(());
+        }
+        let head = element_header(r)?;
+        if (head.group, head.element) == (0xFFFE, 0xE00D) {
+            return if until.is_none() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    "an item delimiter in an item of defined length",
+                ))
+            };
+        }
+        let value_at = r.stream_position()?;
+        skip_value(r, &head, value_at, end, depth)?;
+    }
+}
+
+/// Skips encapsulated fragments (items of defined length) to the sequence delimiter.
+fn skip_fragments<R: Read + Seek>(r: &mut R, end: u64) -> std::io::Result<()> {
+    loop {
+        let (element, length) = item_header(r)?;
+        match element {
+            0xE0DD => return Ok(()),
+            0xE000 => {
+                let at = r.stream_position()?;
+                if at + u64::from(length) > end {
+                    return Err(std::io::Error::other("a fragment runs past the file"));
+                }
+                r.seek(SeekFrom::Current(i64::from(length)))?;
+            }
+            _ => return Err(std::io::Error::other("unexpected delimiter")),
         }
     }
 }
@@ -379,21 +522,44 @@ fn frame_offsets<R: Read + Seek>(
     Ok(offsets)
 }
 
-/// Group, element and value length of the next explicit-VR little-endian element.
-fn element_header(r: &mut impl Read) -> std::io::Result<(u16, u16, u32)> {
+/// The value representations of the standard (PS3.5 6.2). Any other is refused: dicom-rs and the
+/// walk could disagree on where its value ends.
+const VRS: [&[u8; 2]; 34] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
+    b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+    b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+];
+
+/// An element's header: tag, VR (none for items and delimiters) and value length.
+#[derive(Debug)]
+struct Element {
+    group: u16,
+    element: u16,
+    vr: [u8; 2],
+    length: u32,
+}
+
+/// The header of the next explicit-VR little-endian element.
+fn element_header(r: &mut impl Read) -> std::io::Result<Element> {
     let mut head = [0_u8; 8];
     r.read_exact(&mut head)?;
     let group = u16::from_le_bytes([head[0], head[1]]);
     let element = u16::from_le_bytes([head[2], head[3]]);
     if group == 0xFFFE {
         // An item or delimiter: no VR.
-        return Ok((
+        return Ok(Element {
             group,
             element,
-            u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
-        ));
+            vr: [0, 0],
+            length: u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
+        });
     }
     let vr = [head[4], head[5]];
+    if !VRS.contains(&&vr) {
+        return Err(std::io::Error::other(format!(
+            "({group:04X},{element:04X}) has no standard value representation"
+        )));
+    }
     let long = matches!(
         &vr,
         b"OB"
@@ -410,17 +576,19 @@ fn element_header(r: &mut impl Read) -> std::io::Result<(u16, u16, u32)> {
             | b"UT"
             | b"UV"
     );
-    if long {
+    let length = if long {
         let mut len = [0_u8; 4];
         r.read_exact(&mut len)?;
-        Ok((group, element, u32::from_le_bytes(len)))
+        u32::from_le_bytes(len)
     } else {
-        Ok((
-            group,
-            element,
-            u32::from(u16::from_le_bytes([head[6], head[7]])),
-        ))
-    }
+        u32::from(u16::from_le_bytes([head[6], head[7]]))
+    };
+    Ok(Element {
+        group,
+        element,
+        vr,
+        length,
+    })
 }
 
 fn item_header(r: &mut impl Read) -> std::io::Result<(u16, u32)> {
@@ -435,41 +603,6 @@ fn item_header(r: &mut impl Read) -> std::io::Result<(u16, u32)> {
         element,
         u32::from_le_bytes([head[4], head[5], head[6], head[7]]),
     ))
-}
-
-/// Skips an undefined-length value (a sequence or encapsulated data): items until the sequence
-/// delimiter, each item's elements until its delimiter when the item's length is undefined too.
-fn skip_undefined<R: Read + Seek>(r: &mut R, depth: u32) -> std::io::Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(std::io::Error::other(format!(
-            "sequences nested more than {MAX_DEPTH} deep"
-        )));
-    }
-    loop {
-        let (element, len) = item_header(r)?;
-        match element {
-            0xE0DD => return Ok(()),
-            0xE000 if len == u32::MAX => skip_item_elements(r, depth)?,
-            0xE000 => {
-                r.seek(SeekFrom::Current(i64::from(len)))?;
-            }
-            _ => return Err(std::io::Error::other("unexpected delimiter")),
-        }
-    }
-}
-
-fn skip_item_elements<R: Read + Seek>(r: &mut R, depth: u32) -> std::io::Result<()> {
-    loop {
-        let (group, element, len) = element_header(r)?;
-        if group == 0xFFFE && element == 0xE00D {
-            return Ok(());
-        }
-        if len == u32::MAX {
-            skip_undefined(r, depth + 1)?;
-        } else {
-            r.seek(SeekFrom::Current(i64::from(len)))?;
-        }
-    }
 }
 
 /// What a DICOM WSI upload is, from its instances: the pyramid of its VOLUME images, the
@@ -494,4 +627,142 @@ pub fn inspect(paths: &[std::path::PathBuf]) -> Result<super::SlideInfo, SlideEr
         mpp_y: base.mpp.map(|m| m.1),
         objective: base.objective,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// Preamble, `DICM`, the meta group's transfer syntax, then `body`.
+    fn file(syntax: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0_u8; 128];
+        out.extend_from_slice(b"DICM");
+        let mut uid = syntax.as_bytes().to_vec();
+        if uid.len() % 2 == 1 {
+            uid.push(0);
+        }
+        out.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
+        out.extend_from_slice(&(uid.len() as u16).to_le_bytes());
+        out.extend_from_slice(&uid);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn short(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = [group.to_le_bytes(), element.to_le_bytes()].concat();
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn long(group: u16, element: u16, vr: &[u8; 2], length: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = [group.to_le_bytes(), element.to_le_bytes()].concat();
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&length.to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn item(length: u32, value: &[u8]) -> Vec<u8> {
+        [&[0xFE, 0xFF, 0x00, 0xE0], &length.to_le_bytes()[..], value].concat()
+    }
+
+    fn pixel_data() -> Vec<u8> {
+        long(0x7FE0, 0x0010, b"OB", u32::MAX, &[])
+    }
+
+    fn locate(bytes: &[u8]) -> Result<(u64, u32), SlideError> {
+        locate_pixel_data(&mut Cursor::new(bytes), bytes.len() as u64)
+    }
+
+    #[test]
+    fn the_walk_finds_pixel_data_past_nested_sequences() {
+        let inner = short(0x0028, 0x0030, b"DS", b"0.25\\0.25 ");
+        let sequence = long(
+            0x5200,
+            0x9229,
+            b"SQ",
+            8 + inner.len() as u32,
+            &item(inner.len() as u32, &inner),
+        );
+        let undefined = long(
+            0x0040,
+            0x0560,
+            b"SQ",
+            u32::MAX,
+            &[
+                item(inner.len() as u32, &inner),
+                vec![0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0],
+            ]
+            .concat(),
+        );
+        let body = [
+            short(0x0008, 0x0016, b"UI", WSI_SOP_CLASS.as_bytes()),
+            sequence,
+            undefined,
+            pixel_data(),
+        ]
+        .concat();
+        let bytes = file(EXPLICIT_LE, &body);
+        let (at, length) = locate(&bytes).unwrap();
+        assert_eq!((at, length), (bytes.len() as u64, u32::MAX));
+    }
+
+    /// libFuzzer's finding: dicom-rs read a non-standard VR's length from the 4 bytes after it and
+    /// reserved that much (775 MB for "1.2." from a 15 kB file) before reading anything.
+    #[test]
+    fn a_non_standard_vr_is_refused_before_dicom_rs_reads_its_length() {
+        let body = [
+            short(0x0020, 0x0052, b"_I", b"1.2.826.0.1.3680043.8.498.1"),
+            pixel_data(),
+        ]
+        .concat();
+        let error = locate(&file(EXPLICIT_LE, &body)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("no standard value representation"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_value_longer_than_its_item_or_sequence_is_refused() {
+        // 2 GiB declared inside an 8-byte item of a 16-byte sequence, in a file of a few hundred bytes.
+        let inner = long(0x0048, 0x0105, b"OB", 1 << 31, &[]);
+        let sequence = long(
+            0x0048,
+            0x0105,
+            b"SQ",
+            8 + inner.len() as u32,
+            &item(inner.len() as u32, &inner),
+        );
+        let error = locate(&file(EXPLICIT_LE, &[sequence, pixel_data()].concat())).unwrap_err();
+        assert!(
+            error.to_string().contains("runs past what contains it"),
+            "{error}"
+        );
+        // An item longer than its sequence.
+        let sequence = long(0x0048, 0x0105, b"SQ", 8, &item(1 << 30, &[]));
+        let error = locate(&file(EXPLICIT_LE, &[sequence, pixel_data()].concat())).unwrap_err();
+        assert!(
+            error.to_string().contains("runs past its sequence"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_transfer_syntax_onkos_does_not_read_is_refused_before_parsing() {
+        // Implicit VR little endian: the walk's explicit-VR reading would not hold.
+        let error = locate(&file("1.2.840.10008.1.2", &pixel_data())).unwrap_err();
+        assert!(matches!(error, SlideError::Unsupported(_)), "{error}");
+        assert!(
+            error.to_string().contains("1.2.840.10008.1.2 is not read"),
+            "{error}"
+        );
+    }
 }

@@ -1,14 +1,19 @@
 //! Whole-slide images: recognising a file's format from its first bytes, and reading its pyramid
 //! (levels, tile sizes), resolution (µm per pixel) and objective from its TIFF structure.
 
+#[cfg(feature = "service")]
 pub mod analyse;
 pub mod archive;
+#[cfg(feature = "service")]
 pub mod bench;
 pub mod dicom;
 pub mod embeddings;
+#[cfg(feature = "service")]
 pub mod heatmap;
+#[cfg(feature = "service")]
 pub mod openslide;
 pub mod read;
+#[cfg(feature = "service")]
 pub mod slide;
 pub mod stain;
 

@@ -13,7 +13,7 @@ def put(target, name, data):
     (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
 
 
-for target in ["manifest", "features", "csv_batch", "embeddings", "tiff", "archive"]:
+for target in ["manifest", "features", "csv_batch", "embeddings", "tiff", "dicom", "archive"]:
     shutil.rmtree(corpus / target, ignore_errors=True)
 
 # Manifests: every bundled model's and every test fixture's.
@@ -73,6 +73,17 @@ def level(width, height, at, size):
 put("tiff", "one-tile.tiff", tiff(level(256, 256, 160, 16)))
 put("tiff", "huge.tiff", tiff(level(0xFFFFFFFF, 0xFFFFFFFF, 160, 16)))
 put("tiff", "loop.tiff", tiff(level(512, 512, 160, 16), next_ifd=8))
+
+# DICOM WSI instances: the head (first 64 KiB, libFuzzer's -max_len) of each fixture instance,
+# which holds the data set, the frame table and the first frames.
+for instance in sorted(root.glob("tests/fixtures/slides/**/*.dcm")):
+    put("dicom", instance.stem + "-head.dcm", instance.read_bytes()[:65536])
+# libFuzzer's finding (2026-11-30): (0020,0052)'s VR "UI" turned into "_I". dicom-rs reads an
+# unknown VR's length from the next 4 bytes: the UID's text, "1.2." = a 775,040,561-byte value,
+# reserved before anything was read.
+head = (root / "tests/fixtures/slides/dicom/cmu1-thumbnail.dcm").read_bytes()[:65536]
+at = head.index(b"\x20\x00\x52\x00UI")
+put("dicom", "finding-unknown-vr-length.dcm", head[:at + 4] + b"_I" + head[at + 6:])
 
 # Archives: a MIRAX-shaped zip, a DICOM-shaped zip, and one with an unsafe path.
 def zipped(entries):

@@ -222,6 +222,14 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
             ))
             .unwrap(),
         ),
+        (
+            "libFuzzer's finding: a DICOM element with a non-standard VR (dicom-rs reserved 775 MB)"
+                .into(),
+            std::fs::read(repo_path(
+                "tests/fuzz/corpus/dicom/finding-unknown-vr-length.dcm",
+            ))
+            .unwrap(),
+        ),
     ];
     corpus.append(&mut bogus);
     corpus

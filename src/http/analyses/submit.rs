@@ -7,6 +7,7 @@ use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, view
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
+use crate::domain::batch;
 use crate::domain::contract::{FieldError, RangeFlag, ValidFeatures};
 use crate::domain::ids::AnalysisId;
 use crate::error::{ApiError, ApiResult, Problem};
@@ -34,10 +35,6 @@ use uuid::Uuid;
 const FIELDS: [&str; 4] = ["model", "features", "subject", "priority"];
 const SLIDE_FIELDS: [&str; 5] = ["model", "slide", "mpp", "subject", "priority"];
 const BAG_FIELDS: [&str; 4] = ["model", "embeddings", "subject", "priority"];
-const MAX_SUBJECT: usize = 256;
-/// A CSV with many broken rows lists this many errors, not thousands.
-const MAX_REPORTED_ERRORS: usize = 100;
-const SUBJECT_COLUMN: &str = "subject";
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -394,7 +391,7 @@ fn answer(prepared: &Prepared) -> (Value, String) {
 fn subject_of(body: &Map<String, Value>) -> Result<Option<&str>, FieldError> {
     match body.get("subject") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => check_subject(s).map(Some),
+        Some(Value::String(s)) => batch::check_subject(s).map(Some),
         Some(_) => Err(FieldError::new(
             "subject",
             "not_a_string",
@@ -781,7 +778,10 @@ fn prepare_csv(
     }
     .map_err(|e| ApiError::Validation(vec![e]))?;
     features_model(&model)?;
-    let valid_rows = csv_rows(&model.manifest, bytes)?;
+    let valid_rows = batch::csv_rows(&model.manifest, bytes).map_err(|e| match e {
+        batch::BatchError::Unreadable(reason) => ApiError::BadRequest(reason),
+        batch::BatchError::Invalid(errors) => ApiError::Validation(errors),
+    })?;
     let per_row_ms = started.elapsed().as_secs_f64() * 1e3 / valid_rows.len() as f64;
     let analyses = valid_rows
         .into_iter()
@@ -794,96 +794,6 @@ fn prepare_csv(
         analyses,
         row: None,
     })
-}
-
-/// The rows of a CSV batch (a header row of feature names, an optional `subject` column), each
-/// checked against `manifest`: all of them, or every error with its row and column.
-pub(crate) fn csv_rows(
-    manifest: &crate::domain::contract::Manifest,
-    bytes: &[u8],
-) -> ApiResult<Vec<(ValidFeatures, Option<String>)>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(bytes);
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| ApiError::BadRequest(format!("the CSV header row is unreadable: {e}")))?
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    let mut errors = Vec::new();
-    let mut valid_rows = Vec::new();
-    for (index, record) in reader.records().enumerate() {
-        let row = index + 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(FieldError::new(
-                    format!("rows[{row}]"),
-                    "unreadable",
-                    format!("row {row}: {e}"),
-                ));
-                continue;
-            }
-        };
-        let mut features = Map::new();
-        let mut subject = None;
-        for (name, cell) in header.iter().zip(record.iter()) {
-            if name == SUBJECT_COLUMN {
-                subject = (!cell.is_empty()).then(|| cell.to_owned());
-            } else if !cell.is_empty() {
-                features.insert(
-                    name.clone(),
-                    cell_value(cell, manifest.is_categorical(name)),
-                );
-            }
-        }
-        let subject = match subject.as_deref().map(check_subject).transpose() {
-            Ok(s) => s.map(str::to_owned),
-            Err(e) => {
-                errors.push(row_error(row, e));
-                None
-            }
-        };
-        match manifest.validate_features(&features) {
-            Ok(valid) => valid_rows.push((valid, subject)),
-            Err(row_errors) => errors.extend(row_errors.into_iter().map(|e| row_error(row, e))),
-        }
-    }
-    if valid_rows.is_empty() && errors.is_empty() {
-        errors.push(FieldError::new(
-            "rows",
-            "empty",
-            "the CSV has a header but no data rows",
-        ));
-    }
-    if !errors.is_empty() {
-        errors.truncate(MAX_REPORTED_ERRORS);
-        return Err(ApiError::Validation(errors));
-    }
-    Ok(valid_rows)
-}
-
-/// A CSV cell as the JSON value a caller would have sent: a categorical level stays text; otherwise a
-/// number when it reads as a finite one, else the text (which the contract then refuses, by name).
-fn cell_value(cell: &str, categorical: bool) -> Value {
-    match cell.parse::<f64>() {
-        Ok(v) if v.is_finite() && !categorical => json!(v),
-        _ => Value::String(cell.to_owned()),
-    }
-}
-
-fn row_error(row: usize, e: FieldError) -> FieldError {
-    let column = e
-        .field
-        .strip_prefix("features.")
-        .unwrap_or(&e.field)
-        .to_owned();
-    FieldError::new(
-        format!("rows[{row}].{column}"),
-        e.rule,
-        format!("row {row}, column {column}: {}", e.message),
-    )
 }
 
 /// The model a submission names: its active version for this tenant, or a contract error.
@@ -925,24 +835,6 @@ async fn find_model(state: &AppState, principal: &Principal, name: &str) -> ApiR
         "unknown_model",
         format!("no active model {name:?}; available: {}", known.join(", ")),
     )))
-}
-
-fn check_subject(s: &str) -> Result<&str, FieldError> {
-    if s.chars().count() > MAX_SUBJECT {
-        return Err(FieldError::new(
-            "subject",
-            "too_long",
-            format!("subject is longer than {MAX_SUBJECT} characters"),
-        ));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            "subject",
-            "control_character",
-            "subject must not contain control characters",
-        ));
-    }
-    Ok(s)
 }
 
 /// Stored in the model's input order, exactly as validated.
