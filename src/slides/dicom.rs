@@ -8,6 +8,7 @@
 
 use super::SlideError;
 use dicom_dictionary_std::tags;
+use dicom_object::file::OddLengthStrategy;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -81,6 +82,7 @@ pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
     let (pixel_at, pixel_length) = locate_pixel_data(&mut reader, size)?;
     let object = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
+        .odd_length_strategy(OddLengthStrategy::Fail)
         .open_file(path)
         .map_err(|e| invalid(format!("the DICOM file cannot be read: {e}")))?;
     let syntax = object
@@ -583,6 +585,20 @@ fn element_header(r: &mut impl Read) -> std::io::Result<Element> {
     } else {
         u32::from(u16::from_le_bytes([head[6], head[7]]))
     };
+    // dicom-rs reads binary values a whole value at a time: a length that is not a whole number
+    // of them (or odd, which the standard forbids for every VR) would leave it reading the next
+    // element's header from a different byte than the walk.
+    let unit = match &vr {
+        b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => 8,
+        b"AT" | b"FL" | b"OF" | b"OL" | b"SL" | b"UL" => 4,
+        _ => 2,
+    };
+    if length != u32::MAX && length % unit != 0 {
+        return Err(std::io::Error::other(format!(
+            "({group:04X},{element:04X}) has a {length}-byte {} value: not a whole number of values",
+            String::from_utf8_lossy(&vr)
+        )));
+    }
     Ok(Element {
         group,
         element,
@@ -753,6 +769,26 @@ mod tests {
             error.to_string().contains("runs past its sequence"),
             "{error}"
         );
+    }
+
+    /// libFuzzer's second finding: dicom-rs reads a 617-byte US value as 308 values (616 bytes),
+    /// then the next header one byte early, which declared a value of hundreds of MB.
+    #[test]
+    fn a_value_that_is_not_a_whole_number_of_values_is_refused() {
+        for (vr, value) in [
+            (b"US", vec![0_u8; 3]),
+            (b"FL", vec![0; 6]),
+            (b"FD", vec![0; 12]),
+        ] {
+            let body = [short(0x0028, 0x0100, vr, &value), pixel_data()].concat();
+            let error = locate(&file(EXPLICIT_LE, &body)).unwrap_err();
+            assert!(
+                error.to_string().contains("not a whole number of values"),
+                "{error}"
+            );
+        }
+        let body = [short(0x0008, 0x0070, b"LO", b"odd"), pixel_data()].concat();
+        assert!(locate(&file(EXPLICIT_LE, &body)).is_err());
     }
 
     #[test]

@@ -230,6 +230,11 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
             ))
             .unwrap(),
         ),
+        (
+            "libFuzzer's finding: a DICOM US value of odd length (dicom-rs then misread a length)"
+                .into(),
+            std::fs::read(repo_path("tests/fuzz/corpus/dicom/finding-odd-us-length.dcm")).unwrap(),
+        ),
     ];
     corpus.append(&mut bogus);
     corpus
