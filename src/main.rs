@@ -75,8 +75,9 @@ enum Command {
         slide: PathBuf,
         #[arg(long, default_value = "he-stain-quantification")]
         model: String,
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
+        /// Tiles per ONNX Runtime call (default: the configuration's `slide_batch_tiles`).
+        #[arg(long)]
+        batch: Option<usize>,
     },
     /// Serve one slide's regions to the process that started it, through OpenSlide (internal:
     /// isolates the C library, so a crash in it ends this process only).
@@ -123,7 +124,12 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             println!(
                 "{}",
-                onkos::slides::bench::run(&config, &slide, &model, batch)?
+                onkos::slides::bench::run(
+                    &config,
+                    &slide,
+                    &model,
+                    batch.unwrap_or(config.slide_batch_tiles as usize)
+                )?
             );
         }
         Command::Token {

@@ -402,6 +402,15 @@ fn build_session(
     let builder = Session::builder(env)?
         .with_intra_threads(threads)
         .map_err(|e| anyhow!("{e}"))?;
+    // A session with a thread pool (a slide model's) shares the cores with the tile decoders
+    // running beside it: its idle threads sleep instead of spinning on them.
+    let builder = if threads == 1 {
+        builder
+    } else {
+        builder
+            .with_intra_op_spinning(false)
+            .map_err(|e| anyhow!("{e}"))?
+    };
     let mut builder = match cuda {
         Some(settings) => {
             let mut provider = ep::CUDA::default().with_device_id(settings.device_id);

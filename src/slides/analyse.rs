@@ -199,16 +199,23 @@ pub fn analyse(
     let mut embeddings: Option<TileEmbeddings> = None;
     let batches: Vec<&[(u32, u32)]> = grid.chunks(plan.batch.max(1)).collect();
     std::thread::scope(|scope| -> Result<(), Stopped> {
-        // Decoding runs one batch ahead of inference: two batches in flight at most.
+        // Decoding runs one batch ahead of inference: two batches in flight at most. Each tile
+        // is decoded straight into its place in the batch's input, and inference hands the
+        // buffers back, so a slide allocates two batches' worth of input, not one per batch.
         let (send, receive) = sync_channel::<Result<(Vec<f32>, f64), Stopped>>(1);
+        let (recycle, recycled) = sync_channel::<Vec<f32>>(2);
         let slide = &slide;
         let batches = &batches;
+        let tile_len = 3 * size * size;
         scope.spawn(move || {
             for batch in batches {
                 let started = Instant::now();
-                let decoded: Result<Vec<Vec<f32>>, Stopped> = batch
-                    .par_iter()
-                    .map(|&(c, r)| {
+                let mut pixels = recycled.try_recv().unwrap_or_default();
+                pixels.resize(batch.len() * tile_len, 0.0);
+                let decoded: Result<(), Stopped> = pixels
+                    .par_chunks_mut(tile_len)
+                    .zip(batch.par_iter())
+                    .try_for_each(|(out, &(c, r))| {
                         let x = (f64::from(c) * tile0 / ds).round() as u32;
                         let y = (f64::from(r) * tile0 / ds).round() as u32;
                         let rgb = slide.region(level, x, y, read_size, read_size)?;
@@ -216,10 +223,10 @@ pub fn analyse(
                         if let Some(n) = normaliser {
                             n.apply(&mut tile.pixels);
                         }
-                        Ok(planar(&tile, spec.normalise.as_ref()))
-                    })
-                    .collect();
-                let message = decoded.map(|tiles| (tiles.concat(), ms(started)));
+                        planar_into(&tile, spec.normalise.as_ref(), out);
+                        Ok(())
+                    });
+                let message = decoded.map(|()| (pixels, ms(started)));
                 let failed = message.is_err();
                 if send.send(message).is_err() || failed {
                     return;
@@ -253,6 +260,7 @@ pub fn analyse(
                 all.extend_from_slice(&rows);
             }
             infer_ms += ms(started);
+            let _ = recycle.try_send(pixels);
             for (i, &(c, r)) in batch.iter().enumerate() {
                 tiles.xs.push((f64::from(c) * tile0).round() as i32);
                 tiles.ys.push((f64::from(r) * tile0).round() as i32);
@@ -364,19 +372,34 @@ fn resized(rgb: Rgb, size: u32) -> Rgb {
 }
 
 /// Interleaved RGB bytes to planar float32 (C, H, W), normalised as the manifest says.
+#[cfg(test)]
 fn planar(rgb: &Rgb, normalise: Option<&Normalise>) -> Vec<f32> {
+    let mut out = vec![0.0_f32; 3 * (rgb.width * rgb.height) as usize];
+    planar_into(rgb, normalise, &mut out);
+    out
+}
+
+/// Interleaved RGB bytes to planar float32 (C, H, W) in `out`, normalised as the manifest says:
+/// one pass, each plane written in order (the loops have no branch, so they vectorise).
+fn planar_into(rgb: &Rgb, normalise: Option<&Normalise>, out: &mut [f32]) {
     let n = (rgb.width * rgb.height) as usize;
-    let mut out = vec![0.0_f32; 3 * n];
-    for (i, px) in rgb.pixels.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            let v = f32::from(px[c]);
-            out[c * n + i] = match normalise {
-                Some(k) => (v * k.scale - k.mean[c]) / k.std[c],
-                None => v,
-            };
+    let (red, rest) = out.split_at_mut(n);
+    let (green, blue) = rest.split_at_mut(n);
+    let planes = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+    let pixels = rgb.pixels.chunks_exact(3);
+    match normalise {
+        None => {
+            for (((r, g), b), px) in planes.zip(pixels) {
+                (*r, *g, *b) = (f32::from(px[0]), f32::from(px[1]), f32::from(px[2]));
+            }
+        }
+        Some(k) => {
+            let channel = |v: u8, c: usize| (f32::from(v) * k.scale - k.mean[c]) / k.std[c];
+            for (((r, g), b), px) in planes.zip(pixels) {
+                (*r, *g, *b) = (channel(px[0], 0), channel(px[1], 1), channel(px[2], 2));
+            }
         }
     }
-    out
 }
 
 /// The tissue mask: one cell per `scale` level-0 pixels a side.
