@@ -98,6 +98,13 @@ enum AuditCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // mimalloc marks its segments for transparent huge pages; a slide analysis frees and takes
+    // them back over and over, and each time the kernel zeroes 2 MiB (a quarter of the slide
+    // pipeline's perf samples). Without them the pipeline reads 14 % more tiles per second
+    // (BENCHMARKS.md). MIMALLOC_ALLOW_THP, when set, is left to decide.
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        let _ = nix::sys::prctl::set_thp_disable(true);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => print!("{}", onkos::http::openapi::document()),
