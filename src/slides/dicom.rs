@@ -8,7 +8,6 @@
 
 use super::SlideError;
 use dicom_dictionary_std::tags;
-use dicom_object::file::OddLengthStrategy;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -82,7 +81,6 @@ pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
     let (pixel_at, pixel_length) = locate_pixel_data(&mut reader, size)?;
     let object = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
-        .odd_length_strategy(OddLengthStrategy::Fail)
         .open_file(path)
         .map_err(|e| invalid(format!("the DICOM file cannot be read: {e}")))?;
     let syntax = object
@@ -585,13 +583,15 @@ fn element_header(r: &mut impl Read) -> std::io::Result<Element> {
     } else {
         u32::from(u16::from_le_bytes([head[6], head[7]]))
     };
-    // dicom-rs reads binary values a whole value at a time: a length that is not a whole number
-    // of them (or odd, which the standard forbids for every VR) would leave it reading the next
-    // element's header from a different byte than the walk.
+    // dicom-rs reads binary values a whole value at a time (`length / size` of them): a length
+    // that is not a whole number of them would leave it reading the next element's header from
+    // a different byte than the walk. Text, OB and UN values it reads byte for byte, so an odd
+    // length there (which the standard forbids, and some writers produce) is read as it is.
     let unit = match &vr {
         b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => 8,
         b"AT" | b"FL" | b"OF" | b"OL" | b"SL" | b"UL" => 4,
-        _ => 2,
+        b"OW" | b"SS" | b"US" => 2,
+        _ => 1,
     };
     if length != u32::MAX && length % unit != 0 {
         return Err(std::io::Error::other(format!(
@@ -787,8 +787,10 @@ mod tests {
                 "{error}"
             );
         }
+        // An odd-length text value (non-conformant, but read byte for byte by both) is accepted.
         let body = [short(0x0008, 0x0070, b"LO", b"odd"), pixel_data()].concat();
-        assert!(locate(&file(EXPLICIT_LE, &body)).is_err());
+        let bytes = file(EXPLICIT_LE, &body);
+        assert_eq!(locate(&bytes).unwrap().0, bytes.len() as u64);
     }
 
     #[test]
