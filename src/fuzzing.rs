@@ -84,15 +84,15 @@ pub fn tiff(data: &[u8]) {
     }
 }
 
-/// A DICOM WSI instance as an upload is inspected, then opened by the tile reader (its frame
-/// table), which reads the first and last tile of every level.
+/// A DICOM WSI instance opened as an upload's inspection opens it (its header walk, data set and
+/// frame table), then the first and last tile of every level read.
 pub fn dicom(data: &[u8]) {
     let Some(file) = Scratch::new(data) else {
         return;
     };
-    let paths = [file.0.clone()];
-    let _ = crate::slides::dicom::inspect(&paths);
-    if let Ok(slide) = crate::slides::read::TiledSlide::open_dicom(&paths) {
+    if let Ok((slide, _)) =
+        crate::slides::read::TiledSlide::open_dicom_series(std::slice::from_ref(&file.0))
+    {
         read_corners(&slide);
     }
 }

@@ -6,11 +6,11 @@ use super::contract::{FieldError, Manifest, ValidFeatures};
 use serde_json::{Map, Value, json};
 
 /// The longest subject (a caller's case reference) accepted, in characters.
-pub const MAX_SUBJECT: usize = 256;
+const MAX_SUBJECT: usize = 256;
 /// A CSV with many broken rows lists this many errors, not thousands.
-pub const MAX_REPORTED_ERRORS: usize = 100;
+const MAX_REPORTED_ERRORS: usize = 100;
 /// The column that carries each row's subject rather than a feature.
-pub const SUBJECT_COLUMN: &str = "subject";
+const SUBJECT_COLUMN: &str = "subject";
 
 /// Why a batch was refused as a whole.
 #[derive(Debug, Clone, PartialEq)]

@@ -100,15 +100,7 @@ pub fn open_instance(path: &Path) -> Result<Instance, SlideError> {
             "a DICOM file, but not a VL Whole Slide Microscopy image".into(),
         ));
     }
-    let compression = match syntax.as_str() {
-        JPEG_BASELINE => 7,
-        EXPLICIT_LE => 1,
-        other => {
-            return Err(SlideError::Unsupported(format!(
-                "DICOM transfer syntax {other} is not read (JPEG baseline and explicit little-endian are)"
-            )));
-        }
-    };
+    let compression = compression_of(&syntax)?;
     let photometric = match text(tags::PHOTOMETRIC_INTERPRETATION).as_deref() {
         Some("RGB") => 2,
         Some("YBR_FULL_422" | "YBR_FULL") if compression == 7 => 6,
@@ -334,14 +326,18 @@ fn check_transfer_syntax<R: Read + Seek>(
     let mut value = vec![0_u8; length as usize];
     r.read_exact(&mut value)?;
     let syntax = String::from_utf8_lossy(&value);
-    let syntax = syntax.trim_end_matches(['\0', ' ']);
-    Ok(if syntax == JPEG_BASELINE || syntax == EXPLICIT_LE {
-        Ok(())
-    } else {
-        Err(SlideError::Unsupported(format!(
-            "DICOM transfer syntax {syntax} is not read (JPEG baseline and explicit little-endian are)"
-        )))
-    })
+    Ok(compression_of(syntax.trim_end_matches(['\0', ' '])).map(drop))
+}
+
+/// The tile reader's compression (TIFF codes: 7 JPEG, 1 none) for a transfer syntax onkos reads.
+fn compression_of(syntax: &str) -> Result<u16, SlideError> {
+    match syntax {
+        JPEG_BASELINE => Ok(7),
+        EXPLICIT_LE => Ok(1),
+        other => Err(SlideError::Unsupported(format!(
+            "DICOM transfer syntax {other} is not read (JPEG baseline and explicit little-endian are)"
+        ))),
+    }
 }
 
 /// Skips one element's value, which starts at `at`, and must end by `end`: a sequence item by
@@ -392,10 +388,9 @@ fn skip_items<R: Read + Seek>(
     }
     let end = until.unwrap_or(end);
     loop {
-        let at = r.stream_position()?;
-        if until == Some(at) {
+        let Some(at) = next_position(r, until)? else {
             return Ok(());
-        }
+        };
         let (element, length) = item_header(r)?;
         let start = at + 8;
         match element {
@@ -424,8 +419,7 @@ fn skip_item_elements<R: Read + Seek>(
 ) -> std::io::Result<()> {
     let end = until.unwrap_or(end);
     loop {
-        let at = r.stream_position()?;
-        if until == Some(at) {
+        if next_position(r, until)?.is_none() {
             return Ok(());
         }
         let head = element_header(r)?;
@@ -441,6 +435,12 @@ fn skip_item_elements<R: Read + Seek>(
         let value_at = r.stream_position()?;
         skip_value(r, &head, value_at, end, depth)?;
     }
+}
+
+/// Where the next header starts, or none when a container of defined length ends there.
+fn next_position(r: &mut impl Seek, until: Option<u64>) -> std::io::Result<Option<u64>> {
+    let at = r.stream_position()?;
+    Ok((until != Some(at)).then_some(at))
 }
 
 /// Skips encapsulated fragments (items of defined length) to the sequence delimiter.
