@@ -97,7 +97,7 @@ pub struct Config {
     pub worker_poll_ms: u64,
     /// How long a worker that found fewer jobs than the batch size waits for more before running.
     pub worker_batch_wait_ms: u64,
-    /// Tiles per ONNX Runtime call in a slide analysis. 32 is the CPU knee measured on the 2-core
+    /// Tiles per ONNX Runtime call in a slide analysis. 8 is the CPU knee measured on the 2-core
     /// development VM (a batch's intermediate tensors stay in cache; BENCHMARKS.md); a GPU wants more.
     pub slide_batch_tiles: u32,
     /// The program run as `<program> slide-reader <file>` to read slides through OpenSlide in
@@ -194,7 +194,7 @@ impl Default for Config {
             worker_poll_ms: 500,
             worker_batch_wait_ms: 0,
             worker_inline: true,
-            slide_batch_tiles: 32,
+            slide_batch_tiles: 8,
             slide_reader: None,
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,

@@ -1,8 +1,10 @@
 """Builds the bundled H&E stain quantification model: a fixed, non-learned ONNX graph.
 
-Colour deconvolution (Ruifrok & Johnston 2001) of each RGB tile into haematoxylin, eosin and DAB
+Colour deconvolution (Ruifrok & Johnston 2001) of each tile into haematoxylin, eosin and DAB
 optical densities; per tile it reports the fraction of tissue pixels (total optical density above
-0.15) and the mean haematoxylin and eosin optical density over those pixels. Nothing is learned,
+0.15) and the mean haematoxylin and eosin optical density over those pixels. The graph takes the
+tile's optical density, which onkos computes from the RGB bytes by table lookup (the manifest's
+`normalise.space: optical_density`). Nothing is learned,
 so there is no training data and no held-out metric: it is a measurement, not a prediction.
 
 Run: `python build.py` (onnx and onnxruntime as pinned in models/requirements.txt). It writes
@@ -50,33 +52,35 @@ def reference(tiles: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def optical_density(tiles: np.ndarray) -> np.ndarray:
+    """The model's input as onkos writes it (manifest `normalise.space: optical_density`): each
+    0-255 value's OD, −log10((v + 1) / 256), computed in float64 and stored as float32."""
+    return (-np.log10((tiles.astype(np.float64) + 1.0) / 256.0)).astype(np.float32)
+
+
 def graph() -> onnx.ModelProto:
-    """The arithmetic of `reference` in few full-tile operations: OD is linear in ln((I + 1) / 256),
-    so its scale, sign and the stain matrix fold into one 2 x 3 matrix (H and E rows only), and the
-    tissue test becomes a threshold on the channels' summed logarithm."""
+    """The arithmetic of `reference` over optical density tiles in few full-tile operations. onkos
+    turns each byte into its OD by table lookup while it writes the batch (the manifest's
+    `normalise.space`), so the graph has no per-pixel logarithm: a 2 x 3 matrix gives haematoxylin
+    and eosin, the channels' sum is the tissue test, and one batched matrix product of the clipped
+    densities with the tissue mask sums them over the tissue pixels."""
     const = lambda name, value: numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
     axes = lambda name, values: numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
-    k = 1.0 / np.log(10.0)
-    # hed = HED_FROM_RGB.T @ od, od = -k * ln((I + 1) / 256); keep the H and E rows.
-    he_from_log = -k * HED_FROM_RGB.T[:2]
-    # Total OD > OD_TISSUE  <=>  sum over channels of ln((I + 1) / 256) < -OD_TISSUE / k.
-    log_sum_max = -OD_TISSUE / k
+    pixels = TILE * TILE
     nodes = [
-        helper.make_node("Add", ["tiles", "one"], ["shifted"]),
-        helper.make_node("Mul", ["shifted", "inv256"], ["transmitted"]),
-        helper.make_node("Log", ["transmitted"], ["log_image"]),
-        helper.make_node("Reshape", ["log_image", "flat_shape"], ["log_t"]),  # [N, 3, P]
-        helper.make_node("MatMul", ["he_from_log", "log_t"], ["he"]),  # [N, 2, P]
-        helper.make_node("ReduceSum", ["log_t", "axis1"], ["log_sum"], keepdims=1),  # [N, 1, P]
-        helper.make_node("Less", ["log_sum", "log_sum_max"], ["is_tissue"]),
+        helper.make_node("Reshape", ["tiles", "flat_shape"], ["od"]),  # [N, 3, P]
+        helper.make_node("MatMul", ["he_from_od", "od"], ["he"]),  # [N, 2, P]
+        helper.make_node("ReduceSum", ["od", "axis1"], ["od_total"], keepdims=1),  # [N, 1, P]
+        helper.make_node("Greater", ["od_total", "od_tissue"], ["is_tissue"]),
         helper.make_node("Cast", ["is_tissue"], ["mask"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["mask"], ["tissue_fraction"], axes=[1, 2], keepdims=0),
-        helper.make_node("ReduceSum", ["mask", "axes12"], ["tissue_pixels"], keepdims=0),
+        helper.make_node("Reshape", ["mask", "column_shape"], ["mask_column"]),  # [N, P, 1]
+        helper.make_node("ReduceSum", ["mask", "axes12"], ["tissue_pixels"], keepdims=0),  # [N]
+        helper.make_node("Mul", ["tissue_pixels", "per_pixel"], ["tissue_fraction"]),
         helper.make_node("Max", ["tissue_pixels", "one"], ["tissue_count"]),
         helper.make_node("Relu", ["he"], ["density"]),
-        helper.make_node("Mul", ["density", "mask"], ["tissue_density"]),
-        helper.make_node("ReduceSum", ["tissue_density", "axis2"], ["density_sum"], keepdims=0),  # [N, 2]
-        helper.make_node("Split", ["density_sum", "split2"], ["h_sum", "e_sum"], axis=1),
+        helper.make_node("MatMul", ["density", "mask_column"], ["density_sum"]),  # [N, 2, 1]
+        helper.make_node("Reshape", ["density_sum", "pair_shape"], ["pair"]),  # [N, 2]
+        helper.make_node("Split", ["pair", "split2"], ["h_sum", "e_sum"], axis=1),
         helper.make_node("Squeeze", ["h_sum", "axis1"], ["h_total"]),
         helper.make_node("Squeeze", ["e_sum", "axis1"], ["e_total"]),
         helper.make_node("Div", ["h_total", "tissue_count"], ["haematoxylin_od"]),
@@ -84,12 +88,14 @@ def graph() -> onnx.ModelProto:
     ]
     initializers = [
         const("one", 1.0),
-        const("inv256", 1.0 / 256.0),
-        const("he_from_log", he_from_log),
-        const("log_sum_max", log_sum_max),
+        const("per_pixel", 1.0 / pixels),
+        # hed = HED_FROM_RGB.T @ od; keep the H and E rows.
+        const("he_from_od", HED_FROM_RGB.T[:2]),
+        const("od_tissue", OD_TISSUE),
         axes("flat_shape", [0, 3, -1]),
+        axes("column_shape", [0, -1, 1]),
+        axes("pair_shape", [0, 2]),
         axes("axis1", [1]),
-        axes("axis2", [2]),
         axes("axes12", [1, 2]),
         axes("split2", [1, 1]),
     ]
@@ -111,20 +117,24 @@ def main() -> None:
     path.write_bytes(model.SerializeToString())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(20261129)
-    random = rng.uniform(0, 255, size=(4, 3, TILE, TILE)).astype(np.float32)
-    white = np.full((1, 3, TILE, TILE), 255.0, dtype=np.float32)
-    # Pure stain tiles: the transmitted colour of 0.8 OD of each stain.
-    pure = [255.0 * 10 ** (-0.8 * RGB_FROM_HED[s]) for s in range(2)]
-    stains = np.stack([np.broadcast_to(p[:, None, None], (3, TILE, TILE)) for p in pure]).astype(np.float32)
+    # Tiles as the slide gives them: bytes 0-255.
+    random = rng.integers(0, 256, size=(4, 3, TILE, TILE)).astype(np.float64)
+    white = np.full((1, 3, TILE, TILE), 255.0)
+    # Pure stain tiles: the transmitted colour of 0.8 OD of each stain, rounded to bytes.
+    pure = [np.round(255.0 * 10 ** (-0.8 * RGB_FROM_HED[s])) for s in range(2)]
+    stains = np.stack([np.broadcast_to(p[:, None, None], (3, TILE, TILE)) for p in pure])
+    run = lambda tiles: dict(
+        zip(("tissue_fraction", "haematoxylin_od", "eosin_od"), session.run(None, {"tiles": optical_density(tiles)}))
+    )
     for tiles in (random, white, stains):
-        got = dict(zip(("tissue_fraction", "haematoxylin_od", "eosin_od"), session.run(None, {"tiles": tiles})))
+        got = run(tiles)
         want = reference(tiles)
         for name, value in want.items():
             assert np.abs(got[name] - value).max() < 1e-4, (name, got[name], value)
-    out = dict(zip(("tissue_fraction", "haematoxylin_od", "eosin_od"), session.run(None, {"tiles": stains})))
+    out = run(stains)
     assert out["haematoxylin_od"][0] > 0.7 and out["eosin_od"][0] < 0.1, out
     assert out["eosin_od"][1] > 0.7 and out["haematoxylin_od"][1] < 0.1, out
-    assert session.run(None, {"tiles": white})[0][0] == 0.0
+    assert run(white)["tissue_fraction"][0] == 0.0
 
     manifest = json.loads((HERE / "manifest.json").read_text())
     manifest["onnx"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -75,8 +75,9 @@ pub struct SlideSpec {
     /// without one, every analysed tile weighs 1.
     #[serde(default)]
     pub tissue_output: Option<String>,
-    /// How RGB 0-255 becomes the model's input: `(value × scale − mean[c]) / std[c]` per channel
-    /// (e.g. ImageNet's for a timm or torchvision classifier). Absent: the values as they are.
+    /// How RGB 0-255 becomes the model's input: `(f(value) × scale − mean[c]) / std[c]` per
+    /// channel, where `f` is the value itself or its optical density (`space`); e.g. ImageNet's
+    /// for a timm or torchvision classifier. Absent: the values as they are.
     #[serde(default)]
     pub normalise: Option<Normalise>,
     #[serde(default)]
@@ -113,6 +114,27 @@ pub struct Normalise {
     pub scale: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// What each 0-255 value is before `scale`, `mean` and `std` apply.
+    #[serde(default, skip_serializing_if = "PixelSpace::is_rgb")]
+    pub space: PixelSpace,
+}
+
+/// The space a slide model's input values are in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelSpace {
+    /// The RGB value itself, 0-255 (the default).
+    #[default]
+    Rgb,
+    /// Its optical density, `−log10((value + 1) / 256)`: the Beer–Lambert absorbance that colour
+    /// deconvolution and stain normalisation work in (0 for white, 2.41 for black).
+    OpticalDensity,
+}
+
+impl PixelSpace {
+    pub fn is_rgb(&self) -> bool {
+        *self == Self::Rgb
+    }
 }
 
 /// How per-tile values become one slide-level value.

@@ -61,6 +61,8 @@ pub struct Worker {
 }
 
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a running slide analysis records its progress (and learns of its cancellation).
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 impl Worker {
     pub fn new(
@@ -405,7 +407,16 @@ impl Worker {
                 mpp,
                 batch,
             };
+            // Recorded after the first batch, then at most every PROGRESS_EVERY and after the
+            // last: each write is a commit the tiles wait for, and a small batch takes a few
+            // milliseconds. The write also says whether the job is still this worker's, so a
+            // cancellation stops the analysis within that time.
+            let mut written: Option<Instant> = None;
             let mut progress = |done: usize, total: usize| {
+                if written.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) && done < total {
+                    return true;
+                }
+                written = Some(Instant::now());
                 let done = i32::try_from(done).unwrap_or(i32::MAX);
                 let total = i32::try_from(total).unwrap_or(i32::MAX);
                 // A failed progress write is no reason to stop; a lost job is.

@@ -6,7 +6,7 @@ use super::SlideError;
 use super::read::Rgb;
 use super::slide::{LevelSize, Slide};
 use super::stain::{Estimate, Normaliser};
-use crate::domain::contract::{Aggregation, Normalise, SlideSpec};
+use crate::domain::contract::{Aggregation, Normalise, PixelSpace, SlideSpec};
 use crate::inference::{OnnxModel, TileEmbeddings};
 use image::imageops::FilterType;
 use rayon::prelude::*;
@@ -165,6 +165,7 @@ pub fn analyse(
         None => (None, None),
     };
     let normaliser = normaliser.as_ref();
+    let planar = &Planar::new(spec.normalise.as_ref());
     let grid: Vec<(u32, u32)> = (0..rows)
         .flat_map(|r| (0..cols).map(move |c| (c, r)))
         .filter(|&(c, r)| {
@@ -223,7 +224,7 @@ pub fn analyse(
                         if let Some(n) = normaliser {
                             n.apply(&mut tile.pixels);
                         }
-                        planar_into(&tile, spec.normalise.as_ref(), out);
+                        planar.write(&tile, out);
                         Ok(())
                     });
                 let message = decoded.map(|()| (pixels, ms(started)));
@@ -371,34 +372,73 @@ fn resized(rgb: Rgb, size: u32) -> Rgb {
     }
 }
 
-/// Interleaved RGB bytes to planar float32 (C, H, W), normalised as the manifest says.
-#[cfg(test)]
-fn planar(rgb: &Rgb, normalise: Option<&Normalise>) -> Vec<f32> {
-    let mut out = vec![0.0_f32; 3 * (rgb.width * rgb.height) as usize];
-    planar_into(rgb, normalise, &mut out);
-    out
+/// Interleaved RGB bytes to the model's planar float32 input (C, H, W), normalised as the
+/// manifest says. Built once per slide: an optical-density input is a table of each channel's 256
+/// possible values, so a tile costs a lookup per value, not a logarithm.
+#[derive(Debug)]
+enum Planar {
+    Plain,
+    Affine(Normalise),
+    Table(Box<[[f32; 256]; 3]>),
 }
 
-/// Interleaved RGB bytes to planar float32 (C, H, W) in `out`, normalised as the manifest says:
-/// one pass, each plane written in order (the loops have no branch, so they vectorise).
-fn planar_into(rgb: &Rgb, normalise: Option<&Normalise>, out: &mut [f32]) {
-    let n = (rgb.width * rgb.height) as usize;
-    let (red, rest) = out.split_at_mut(n);
-    let (green, blue) = rest.split_at_mut(n);
-    let planes = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
-    let pixels = rgb.pixels.chunks_exact(3);
-    match normalise {
-        None => {
-            for (((r, g), b), px) in planes.zip(pixels) {
-                (*r, *g, *b) = (f32::from(px[0]), f32::from(px[1]), f32::from(px[2]));
+impl Planar {
+    fn new(normalise: Option<&Normalise>) -> Self {
+        match normalise {
+            None => Self::Plain,
+            Some(k) if k.space == PixelSpace::Rgb => Self::Affine(k.clone()),
+            Some(k) => {
+                let mut table = Box::new([[0.0_f32; 256]; 3]);
+                for (c, values) in table.iter_mut().enumerate() {
+                    for (v, out) in values.iter_mut().enumerate() {
+                        let od = -((v as f64 + 1.0) / 256.0).log10();
+                        *out = ((od * f64::from(k.scale) - f64::from(k.mean[c]))
+                            / f64::from(k.std[c])) as f32;
+                    }
+                }
+                Self::Table(table)
             }
         }
-        Some(k) => {
-            let channel = |v: u8, c: usize| (f32::from(v) * k.scale - k.mean[c]) / k.std[c];
-            for (((r, g), b), px) in planes.zip(pixels) {
-                (*r, *g, *b) = (channel(px[0], 0), channel(px[1], 1), channel(px[2], 2));
+    }
+
+    /// Writes one tile into `out` (3 × its pixels): one pass, each plane written in order (the
+    /// loops have no branch, so the plain and affine ones vectorise).
+    fn write(&self, rgb: &Rgb, out: &mut [f32]) {
+        let n = (rgb.width * rgb.height) as usize;
+        let (red, rest) = out.split_at_mut(n);
+        let (green, blue) = rest.split_at_mut(n);
+        let planes = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+        let pixels = rgb.pixels.chunks_exact(3);
+        match self {
+            Self::Plain => {
+                for (((r, g), b), px) in planes.zip(pixels) {
+                    (*r, *g, *b) = (f32::from(px[0]), f32::from(px[1]), f32::from(px[2]));
+                }
+            }
+            Self::Affine(k) => {
+                let channel = |v: u8, c: usize| (f32::from(v) * k.scale - k.mean[c]) / k.std[c];
+                for (((r, g), b), px) in planes.zip(pixels) {
+                    (*r, *g, *b) = (channel(px[0], 0), channel(px[1], 1), channel(px[2], 2));
+                }
+            }
+            Self::Table(t) => {
+                let [tr, tg, tb] = &**t;
+                for (((r, g), b), px) in planes.zip(pixels) {
+                    (*r, *g, *b) = (
+                        tr[usize::from(px[0])],
+                        tg[usize::from(px[1])],
+                        tb[usize::from(px[2])],
+                    );
+                }
             }
         }
+    }
+
+    #[cfg(test)]
+    fn tile(&self, rgb: &Rgb) -> Vec<f32> {
+        let mut out = vec![0.0_f32; 3 * (rgb.width * rgb.height) as usize];
+        self.write(rgb, &mut out);
+        out
     }
 }
 
@@ -667,18 +707,53 @@ mod tests {
             height: 1,
             pixels: vec![1, 2, 3, 4, 5, 6],
         };
-        assert_eq!(planar(&rgb, None), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(
+            Planar::new(None).tile(&rgb),
+            vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
         let imagenet = Normalise {
             scale: 1.0 / 255.0,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
+            space: PixelSpace::Rgb,
         };
         let white = Rgb {
             width: 1,
             height: 1,
             pixels: vec![255, 255, 255],
         };
-        let got = planar(&white, Some(&imagenet));
+        let got = Planar::new(Some(&imagenet)).tile(&white);
         assert!((got[0] - (1.0 - 0.485) / 0.229).abs() < 1e-6, "{got:?}");
+    }
+
+    #[test]
+    fn optical_density_input_is_the_absorbance_of_each_value() {
+        let od = Normalise {
+            scale: 2.0,
+            mean: [0.0, 0.5, 0.0],
+            std: [1.0, 1.0, 4.0],
+            space: PixelSpace::OpticalDensity,
+        };
+        let rgb = Rgb {
+            width: 2,
+            height: 1,
+            pixels: vec![255, 0, 99, 7, 128, 200],
+        };
+        let got = Planar::new(Some(&od)).tile(&rgb);
+        let absorbance = |v: f64| -((v + 1.0) / 256.0).log10();
+        let want = [
+            absorbance(255.0) * 2.0,
+            absorbance(7.0) * 2.0,
+            absorbance(0.0) * 2.0 - 0.5,
+            absorbance(128.0) * 2.0 - 0.5,
+            absorbance(99.0) * 2.0 / 4.0,
+            absorbance(200.0) * 2.0 / 4.0,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6, "{got:?} {want:?}");
+        }
+        // White is no absorbance at all; black the most an 8-bit value can say.
+        assert_eq!(got[0], 0.0);
+        assert!((f64::from(got[2]) + 0.5 - 2.0 * 256f64.log10()).abs() < 1e-6);
     }
 }

@@ -67,8 +67,13 @@ pub struct TiledSlide {
     /// TIFF: for tiles the fast path does not decode.
     decoder: Option<Mutex<Decoder<BufReader<File>>>>,
     /// Recently decoded tiles: neighbouring regions share file tiles, which are decoded once.
-    cache: Mutex<LruCache<(usize, u32, u32), Arc<Rgb>>>,
+    cache: Mutex<LruCache<(usize, u32, u32), Slot>>,
 }
+
+/// A cached tile, or the place it is being decoded into: the first thread to want a tile decodes
+/// it while holding the slot, and threads that want it meanwhile wait for it instead of decoding
+/// it again (neighbouring regions of one batch are read in parallel and share file tiles).
+type Slot = Arc<Mutex<Option<Arc<Rgb>>>>;
 
 /// An RGB image, 3 bytes per pixel, row by row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,20 +341,19 @@ impl TiledSlide {
 
     fn cached_tile(&self, level: usize, col: u32, row: u32) -> Result<Arc<Rgb>, SlideError> {
         let key = (level, col, row);
-        if let Some(tile) = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|mut c| c.get(&key).cloned())
-        {
-            return Ok(tile);
+        let slot: Slot = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(cache.get_or_insert(key, Slot::default))
+        };
+        // Decoded under the slot's lock, not the cache's: other tiles are decoded meanwhile. A
+        // failed decode leaves the slot empty, and the next thread that wants the tile tries again.
+        let mut tile = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tile) = &*tile {
+            return Ok(Arc::clone(tile));
         }
-        // Decoded outside the lock: two threads may decode the same tile once each, never wait.
-        let tile = Arc::new(self.tile(level, col, row)?);
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.put(key, Arc::clone(&tile));
-        }
-        Ok(tile)
+        let decoded = Arc::new(self.tile(level, col, row)?);
+        *tile = Some(Arc::clone(&decoded));
+        Ok(decoded)
     }
 
     /// A region of a level, in that level's pixels, composed from its tiles. What lies outside

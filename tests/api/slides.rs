@@ -303,6 +303,44 @@ async fn features_sent_to_the_slide_model_are_refused() {
 
 pub const STAIN: &str = "he-stain-quantification";
 
+/// The bundled stain model's arithmetic (its card and `build.py`), in f64, over interleaved RGB:
+/// optical density per channel, Ruifrok & Johnston's H&E stain matrix inverted, negative
+/// densities clipped; returns the tissue fraction (total OD above 0.15) and the mean haematoxylin
+/// and eosin density over the tissue pixels.
+fn colour_deconvolution(rgb: &[u8]) -> (f64, f64, f64) {
+    let unit = |v: [f64; 3]| {
+        let n = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+        [v[0] / n, v[1] / n, v[2] / n]
+    };
+    let m = [
+        unit([0.65, 0.70, 0.29]),
+        unit([0.07, 0.99, 0.11]),
+        unit([0.27, 0.57, 0.78]),
+    ];
+    // inv(m) by cofactors: inv[i][j] = cofactor[j][i] / det.
+    let c = |i: usize, j: usize| {
+        let (r0, r1) = ((i + 1) % 3, (i + 2) % 3);
+        let (c0, c1) = ((j + 1) % 3, (j + 2) % 3);
+        m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]
+    };
+    let det = m[0][0] * c(0, 0) + m[0][1] * c(0, 1) + m[0][2] * c(0, 2);
+    let inv = |i: usize, j: usize| c(j, i) / det;
+    let (mut tissue, mut h, mut e) = (0.0, 0.0, 0.0);
+    let pixels = rgb.len() / 3;
+    for px in rgb.chunks_exact(3) {
+        let od = [0, 1, 2].map(|k| -((f64::from(px[k]) + 1.0) / 256.0).log10());
+        if od.iter().sum::<f64>() > 0.15 {
+            tissue += 1.0;
+            // hed[s] = sum over channels c of inv(m)[c][s] * od[c]
+            let stain = |s: usize| (0..3).map(|k| inv(k, s) * od[k]).sum::<f64>().max(0.0);
+            h += stain(0);
+            e += stain(1);
+        }
+    }
+    let count = f64::max(tissue, 1.0);
+    (tissue / pixels as f64, h / count, e / count)
+}
+
 pub async fn uploaded(app: &TestApp, token: &str, file: &str) -> String {
     let response = upload(app, token, fixture(file), "application/octet-stream").await;
     assert!(response.status().is_success());
@@ -356,6 +394,33 @@ async fn an_svs_slide_is_analysed_end_to_end_with_its_tissue_tiles_and_stain_mea
             .unwrap();
     assert_eq!(xs.len() as u64, analysed);
     assert_eq!(scores.len() as u64, 2 * analysed);
+    // Each tile's numbers are colour deconvolution of its pixels, recomputed here in f64 from the
+    // same region (at 0.499 µm/pixel a 0.5 µm tile is 224 level-0 pixels: read as it is).
+    let (ys, tissue_scores): (Vec<i32>, Vec<f32>) =
+        sqlx::query_as("select ys, tissue from analysis_tiles where analysis_id = $1::text::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let file = onkos::slides::read::TiledSlide::open(&repo_path(
+        "tests/fixtures/slides/aperio-cmu1-small-region.svs",
+    ))
+    .unwrap();
+    for t in (0..xs.len()).step_by(7) {
+        let (x, y) = (u32::try_from(xs[t]).unwrap(), u32::try_from(ys[t]).unwrap());
+        let rgb = file.region(0, x, y, 224, 224).unwrap();
+        let (tissue, h, e) = colour_deconvolution(&rgb.pixels);
+        let close = |got: f32, want: f64| (f64::from(got) - want).abs() < 1e-4;
+        assert!(
+            close(tissue_scores[t], tissue)
+                && close(scores[2 * t], h)
+                && close(scores[2 * t + 1], e),
+            "tile {t} at ({x}, {y}): stored {} {} {}, recomputed {tissue} {h} {e}",
+            tissue_scores[t],
+            scores[2 * t],
+            scores[2 * t + 1]
+        );
+    }
 
     // The tiles as QuPath-importable GeoJSON, in level-0 pixels.
     let geo = app
