@@ -144,7 +144,8 @@ pub fn check(previous: &str, seq: i64, link: &StoredLink) -> Result<(), String> 
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// sha256 in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 

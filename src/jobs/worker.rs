@@ -722,7 +722,7 @@ impl Worker {
             .filter(|s| done.contains(&s.job.analysis_id))
             .map(|s| repo::provenance::Stored {
                 analysis_id: s.job.analysis_id,
-                result: &s.result,
+                result_sha256: crate::domain::provenance::result_digest(&s.result),
                 execution_provider: provider,
             })
             .collect();

@@ -15,7 +15,7 @@ use crate::domain::result::{
     CLASSIFICATION_SCHEMA, ClassificationResult, SLIDE_SCHEMA, SURVIVAL_SCHEMA, SlideResult,
     SurvivalResult,
 };
-use crate::http::analyses::AnalysisView;
+use crate::http::analyses::{AnalysisView, ResultDocument};
 use chrono::{DateTime, SecondsFormat, Utc};
 use codes::{LOINC, coding, local};
 use conclusion::{conclusion, conclusion_code};
@@ -187,11 +187,8 @@ impl Context<'_> {
 /// result that is present could not be read (a schema this build does not know).
 fn outputs(view: &AnalysisView) -> (Vec<Output>, bool, Option<String>) {
     // Only a succeeded analysis has outputs to report, whatever else is stored.
-    let Some(result) = view
-        .result
-        .as_ref()
-        .filter(|_| view.status == Status::Succeeded)
-    else {
+    let tree = view.result.as_ref().map(ResultDocument::tree);
+    let Some(result) = tree.as_deref().filter(|_| view.status == Status::Succeeded) else {
         return (Vec::new(), false, None);
     };
     let schema = result.get("schema").and_then(Value::as_str).unwrap_or("");

@@ -4,6 +4,7 @@ use crate::domain::analysis::Priority;
 use crate::domain::ids::{AnalysisId, TenantId};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -24,7 +25,9 @@ pub struct NewAnalysis {
 /// the delivery of that result to the waiting submitter recorded as a read.
 #[derive(Debug)]
 pub struct Finished {
-    pub result: Value,
+    /// The result document as canonical JSON text ([`crate::domain::provenance::canonical_json`]):
+    /// serialised once, then stored, digested and answered as it is.
+    pub result: Box<RawValue>,
     pub timings: Value,
     pub execution_provider: String,
     pub created_at: DateTime<Utc>,
@@ -156,7 +159,7 @@ pub async fn insert_with_jobs(
             .iter()
             .filter_map(|(_, a)| a.finished.as_ref())
             .collect();
-        let results: Vec<Json<&Value>> = finished.iter().map(|f| Json(&f.result)).collect();
+        let results: Vec<Json<&RawValue>> = finished.iter().map(|f| Json(&*f.result)).collect();
         let timings: Vec<Json<&Value>> = finished.iter().map(|f| Json(&f.timings)).collect();
         let providers: Vec<String> = finished
             .iter()
@@ -172,7 +175,7 @@ pub async fn insert_with_jobs(
              from unnest($1::uuid[], $2::text[], $6::text[]) as t(id, tenant_id, actor)",
             &ids,
             &tenants,
-            &results as &[Json<&Value>],
+            &results as &[Json<&RawValue>],
             &timings as &[Json<&Value>],
             &providers,
             &readers,
@@ -184,7 +187,7 @@ pub async fn insert_with_jobs(
             .filter_map(|(_, a)| {
                 a.finished.as_ref().map(|f| super::provenance::Stored {
                     analysis_id: a.id.0,
-                    result: &f.result,
+                    result_sha256: crate::domain::provenance::sha256_hex(f.result.get().as_bytes()),
                     execution_provider: &f.execution_provider,
                 })
             })

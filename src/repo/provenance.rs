@@ -11,7 +11,8 @@ use uuid::Uuid;
 #[derive(Debug)]
 pub struct Stored<'a> {
     pub analysis_id: Uuid,
-    pub result: &'a Value,
+    /// sha256 of the stored result's canonical JSON ([`provenance::result_digest`]).
+    pub result_sha256: String,
     pub execution_provider: &'a str,
 }
 
@@ -51,7 +52,7 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
                 manifest_sha256: f.manifest_sha256,
                 code_version: provenance::CODE_VERSION.to_owned(),
                 execution_provider: s.execution_provider.to_owned(),
-                result_sha256: provenance::result_digest(s.result),
+                result_sha256: s.result_sha256.clone(),
             });
     }
     for (tenant, mut records) in by_tenant {

@@ -16,6 +16,8 @@ use crate::repo::analyses::AnalysisRecord;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -119,6 +121,33 @@ pub struct Timings {
     pub worker: Option<Uuid>,
 }
 
+/// A result document in an answer: read back from the database, or the canonical JSON text it
+/// was just stored as, written into the answer as it is instead of serialised once more.
+#[derive(Debug, Clone)]
+pub enum ResultDocument {
+    Read(Value),
+    Stored(Box<RawValue>),
+}
+
+impl ResultDocument {
+    /// The document as a JSON tree; stored text is parsed for it.
+    pub fn tree(&self) -> Cow<'_, Value> {
+        match self {
+            Self::Read(value) => Cow::Borrowed(value),
+            Self::Stored(text) => Cow::Owned(serde_json::from_str(text.get()).unwrap_or_default()),
+        }
+    }
+}
+
+impl Serialize for ResultDocument {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Read(value) => value.serialize(serializer),
+            Self::Stored(text) => text.serialize(serializer),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     pub tiles_done: i32,
@@ -147,7 +176,7 @@ pub struct AnalysisView {
     pub execution_provider: Option<String>,
     /// Present when `status` is `succeeded`: the versioned result document (classification or survival).
     #[schema(value_type = Option<AnalysisResult>)]
-    pub result: Option<Value>,
+    pub result: Option<ResultDocument>,
     /// Present when `status` is `failed`: what went wrong, for a person to read.
     pub error: Option<String>,
     pub intended_use: String,
@@ -246,7 +275,7 @@ pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<
             _ => None,
         },
         execution_provider: r.execution_provider,
-        result,
+        result: result.map(ResultDocument::Read),
         error: r.error,
         intended_use,
     })

@@ -3,7 +3,7 @@
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
 use super::read::{parse_wait, read_when_final};
-use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, view};
+use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, ResultDocument, view};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
@@ -26,6 +26,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{SubsecRound, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -221,13 +222,15 @@ pub async fn create(
     tracing::debug!(model = %manifest.name, tenant = %principal.tenant, count, finished, "analyses stored");
     if finished {
         state.metrics.outcome("succeeded", 1);
-        // Answered from what was just committed, as a read of it would return it.
-        let record = finished_record(
-            &submission,
-            stored.into_iter().next().unwrap_or_else(|| unreachable!()),
-        );
+        // Answered from what was just committed, as a read of it would return it; the result
+        // as the text it was stored as.
+        let analysis = stored.into_iter().next().unwrap_or_else(|| unreachable!());
+        let result = analysis.finished.as_ref().map(|f| f.result.clone());
+        let record = finished_record(&submission, analysis);
+        let mut answer = view(&state, record).await?;
+        answer.result = result.map(ResultDocument::Stored);
         return Ok(with_location(
-            (StatusCode::OK, Json(view(&state, record).await?)).into_response(),
+            (StatusCode::OK, Json(answer)).into_response(),
             &location,
         ));
     }
@@ -286,7 +289,7 @@ async fn run_inline(
             }
             state.metrics.batch_size.observe(1.0);
             Finished {
-                result,
+                result: stored_text(&result)?,
                 timings,
                 execution_provider: provider.to_owned(),
                 created_at,
@@ -327,8 +330,15 @@ fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRe
         progress_done: None,
         progress_total: None,
         timings: finished.as_ref().map(|f| f.timings.clone()),
-        result: finished.map(|f| f.result),
+        result: None,
     }
+}
+
+/// A result document as the canonical JSON text it is stored, digested and answered as; `None`
+/// (the analysis then goes to the queue) in the impossible case that it is not JSON.
+fn stored_text(result: &Value) -> Option<Box<RawValue>> {
+    let text = String::from_utf8(crate::domain::provenance::canonical_json(result)).ok()?;
+    RawValue::from_string(text).ok()
 }
 
 fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {

@@ -3,14 +3,15 @@
 
 use super::codes;
 use crate::domain::analysis::Status;
-use crate::http::analyses::AnalysisView;
+use crate::http::analyses::{AnalysisView, ResultDocument};
 use serde_json::Value;
 
 /// The caveat every report carries, whatever the model's card says besides.
 const CAVEAT: &str = "Research use only, not a medical device.";
 
 pub fn conclusion(view: &AnalysisView, read_error: Option<String>) -> String {
-    let said = match (view.status, &view.result) {
+    let result = view.result.as_ref().map(ResultDocument::tree);
+    let said = match (view.status, result.as_deref()) {
         (Status::Queued, _) => "The analysis is queued; there is no result yet.".to_owned(),
         (Status::Running, _) => "The analysis is running; there is no result yet.".to_owned(),
         (Status::Cancelled, _) => "The analysis was cancelled before it had a result.".to_owned(),
@@ -115,12 +116,8 @@ fn extrapolation(result: &Value) -> String {
 
 /// The decision as a coded conclusion, when its label has a SNOMED CT concept.
 pub fn conclusion_code(view: &AnalysisView) -> Option<Value> {
-    let label = view
-        .result
-        .as_ref()?
-        .get("decision")?
-        .get("label")?
-        .as_str()?;
+    let result = view.result.as_ref()?.tree();
+    let label = result.get("decision")?.get("label")?.as_str()?;
     let concept = codes::class_concept(label);
     concept.get("coding").is_some().then_some(concept)
 }

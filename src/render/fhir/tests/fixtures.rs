@@ -84,7 +84,7 @@ fn view(
         },
         progress: None,
         execution_provider: None,
-        result,
+        result: result.map(crate::http::analyses::ResultDocument::Read),
         error: (status == Status::Failed).then(|| "the model returned no probabilities".into()),
         intended_use,
     }
