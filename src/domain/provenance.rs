@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -78,6 +79,14 @@ fn clear_negative_zeros(value: &mut Value) {
         Value::Object(map) => map.values_mut().for_each(clear_negative_zeros),
         _ => {}
     }
+}
+
+/// A document as its canonical JSON text: the form a result is stored, digested and answered in,
+/// written once.
+pub fn canonical_text(value: &Value) -> Box<RawValue> {
+    // Writing a `Value` cannot fail, and what serde_json writes is JSON.
+    let text = String::from_utf8(canonical_json(value)).unwrap_or_default();
+    RawValue::from_string(text).unwrap_or_default()
 }
 
 /// The digest of a result document.
@@ -197,6 +206,15 @@ mod tests {
             result_digest(&written),
             result_digest(&json!({"contribution": 0.0}))
         );
+    }
+
+    #[test]
+    fn the_text_a_result_is_stored_as_is_its_canonical_json() {
+        let written = json!({"z": -0.0, "a": {"y": [1.5, "é\n"], "b": null}});
+        let text = canonical_text(&written);
+        assert_eq!(text.get(), r#"{"a":{"b":null,"y":[1.5,"é\n"]},"z":0.0}"#);
+        assert_eq!(text.get().as_bytes(), canonical_json(&written));
+        assert_eq!(sha256_hex(text.get().as_bytes()), result_digest(&written));
     }
 
     #[test]

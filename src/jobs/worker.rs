@@ -656,7 +656,7 @@ impl Worker {
                     }
                     successes.push(Success {
                         job,
-                        result,
+                        result: crate::domain::provenance::canonical_text(&result),
                         timings,
                     });
                     if let Some(scores) = scores {
@@ -722,7 +722,7 @@ impl Worker {
             .filter(|s| done.contains(&s.job.analysis_id))
             .map(|s| repo::provenance::Stored {
                 analysis_id: s.job.analysis_id,
-                result_sha256: crate::domain::provenance::result_digest(&s.result),
+                result_sha256: crate::domain::provenance::sha256_hex(s.result.get().as_bytes()),
                 execution_provider: provider,
             })
             .collect();

@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -209,7 +210,8 @@ pub async fn notify_done(tx: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()
 #[derive(Debug)]
 pub struct Success<'a> {
     pub job: &'a ClaimedJob,
-    pub result: Value,
+    /// The result document as canonical JSON text ([`crate::domain::provenance::canonical_text`]).
+    pub result: Box<RawValue>,
     pub timings: Value,
 }
 
@@ -224,7 +226,7 @@ pub async fn complete_batch(
 ) -> sqlx::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = successes.iter().map(|s| s.job.analysis_id).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.job.attempts).collect();
-    let results: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.result)).collect();
+    let results: Vec<Json<&RawValue>> = successes.iter().map(|s| Json(&*s.result)).collect();
     let timings: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.timings)).collect();
     sqlx::query_scalar!(
         r#"with done as (
@@ -246,7 +248,7 @@ pub async fn complete_batch(
         worker,
         &ids,
         &attempts,
-        &results as &[Json<&Value>],
+        &results as &[Json<&RawValue>],
         &timings as &[Json<&Value>],
         execution_provider,
     )

@@ -26,7 +26,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{SubsecRound, Utc};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -289,7 +288,7 @@ async fn run_inline(
             }
             state.metrics.batch_size.observe(1.0);
             Finished {
-                result: stored_text(&result)?,
+                result: crate::domain::provenance::canonical_text(&result),
                 timings,
                 execution_provider: provider.to_owned(),
                 created_at,
@@ -332,13 +331,6 @@ fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRe
         timings: finished.as_ref().map(|f| f.timings.clone()),
         result: None,
     }
-}
-
-/// A result document as the canonical JSON text it is stored, digested and answered as; `None`
-/// (the analysis then goes to the queue) in the impossible case that it is not JSON.
-fn stored_text(result: &Value) -> Option<Box<RawValue>> {
-    let text = String::from_utf8(crate::domain::provenance::canonical_json(result)).ok()?;
-    RawValue::from_string(text).ok()
 }
 
 fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {
