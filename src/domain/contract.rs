@@ -297,8 +297,8 @@ impl FieldError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RangeFlag {
     pub feature: String,
-    pub value: f64,
     pub training_range: [f64; 2],
+    pub value: f64,
 }
 
 /// Features that passed the contract.

@@ -5,6 +5,7 @@
 
 use super::contract::{Manifest, RangeFlag};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Versions of the result documents; bumped on any change a client could notice.
 pub const CLASSIFICATION_SCHEMA: &str = "onkos.result.classification/1";
@@ -103,57 +104,57 @@ pub struct Prediction {
 pub struct Decision {
     /// The label reported: the positive label when its probability reaches the threshold.
     pub label: String,
+    /// `probability - threshold`: negative below the threshold, small near it.
+    pub margin: f64,
     pub positive_label: String,
     /// Probability of the positive label.
     pub probability: f64,
     pub threshold: f64,
     pub threshold_source: String,
-    /// `probability - threshold`: negative below the threshold, small near it.
-    pub margin: f64,
 }
 
 /// One feature's share of the score: (value − training mean) × coefficient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Contribution {
-    /// The input, or `input=level` for a categorical indicator.
-    pub feature: String,
-    /// The encoded value (1 or 0 for an indicator).
-    pub value: f64,
-    pub mean: f64,
     pub coefficient: f64,
     pub contribution: f64,
+    /// The input, or `input=level` for a categorical indicator.
+    pub feature: String,
+    pub mean: f64,
+    /// The encoded value (1 or 0 for an indicator).
+    pub value: f64,
 }
 
 /// Why a linear model scored as it did, largest contributions first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Explanation {
-    /// `log-odds` (classification) or `log-hazard` (survival).
-    pub scale: String,
+    pub contributions: Vec<Contribution>,
     /// The contributions are relative to a patient with the training cohort's mean values.
     pub reference: String,
-    pub contributions: Vec<Contribution>,
+    /// `log-odds` (classification) or `log-hazard` (survival).
+    pub scale: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClassificationResult {
-    /// Always `onkos.result.classification/1` for this shape.
-    pub schema: String,
-    pub predictions: Vec<Prediction>,
-    pub decision: Decision,
-    /// Present for linear models.
-    pub explanation: Option<Explanation>,
-    /// Inputs outside the range the model was trained on: the result is an extrapolation there.
-    pub out_of_training_range: Vec<RangeFlag>,
     /// MIL models: the bag of tile embeddings that was classified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bag: Option<Box<BagSummary>>,
+    pub decision: Decision,
+    /// Present for linear models.
+    pub explanation: Option<Explanation>,
+    /// What the model may be used for; no result claims more than its card.
+    pub intended_use: String,
+    /// Inputs outside the range the model was trained on: the result is an extrapolation there.
+    pub out_of_training_range: Vec<RangeFlag>,
+    pub predictions: Vec<Prediction>,
+    /// Always `onkos.result.classification/1` for this shape.
+    pub schema: String,
     /// MIL models run on a slide: what the encoder looked at, and where the time went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slide: Option<Box<SlideSummary>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Box<SlideStages>>,
-    /// What the model may be used for; no result claims more than its card.
-    pub intended_use: String,
 }
 
 /// The per-tile measure of a MIL analysis: the head's attention weight.
@@ -187,12 +188,12 @@ pub struct AttendedTile {
 /// The risk score and where it sits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Risk {
-    /// The linear predictor: log hazard ratio versus a patient with the cohort's mean covariates.
-    pub score: f64,
-    /// `exp(score)`: hazard relative to that mean patient.
-    pub hazard_ratio: f64,
     /// Percentage of the training cohort with a lower risk score (0–100).
     pub cohort_percentile: f64,
+    /// `exp(score)`: hazard relative to that mean patient.
+    pub hazard_ratio: f64,
+    /// The linear predictor: log hazard ratio versus a patient with the cohort's mean covariates.
+    pub score: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -204,15 +205,46 @@ pub struct SurvivalPoint {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SurvivalResult {
-    /// Always `onkos.result.survival/1` for this shape.
-    pub schema: String,
     /// The event the model estimates, e.g. "recurrence or death".
     pub event: String,
-    pub risk: Risk,
-    pub survival: Vec<SurvivalPoint>,
     pub explanation: Option<Explanation>,
-    pub out_of_training_range: Vec<RangeFlag>,
     pub intended_use: String,
+    pub out_of_training_range: Vec<RangeFlag>,
+    pub risk: Risk,
+    /// Always `onkos.result.survival/1` for this shape.
+    pub schema: String,
+    pub survival: Vec<SurvivalPoint>,
+}
+
+/// The result as its canonical JSON text, the form it is stored, digested and answered in
+/// ([`crate::domain::provenance::canonical_json`]). A feature model's result (classification or
+/// survival) is written straight from the typed result: those types declare their fields in key
+/// order, so serde already writes them sorted (a test holds them to it), and no `Value` tree is
+/// built. Other shapes, and a result with a negative zero (which the canonical form writes as
+/// 0.0), take the long way through a sorted `Value`.
+pub fn canonical_text(result: &AnalysisResult) -> Box<RawValue> {
+    let key_ordered = match result {
+        AnalysisResult::Classification(c) => {
+            c.bag.is_none() && c.slide.is_none() && c.stages.is_none()
+        }
+        AnalysisResult::Survival(_) => true,
+        AnalysisResult::Slide(_) => false,
+    };
+    match serde_json::to_string(result) {
+        Ok(text) if key_ordered && !has_negative_zero(&text) => {
+            RawValue::from_string(text).unwrap_or_default()
+        }
+        _ => crate::domain::provenance::canonical_text(
+            &serde_json::to_value(result).unwrap_or_default(),
+        ),
+    }
+}
+
+/// Whether serde_json wrote a negative zero (`-0.0` not followed by more digits) anywhere in
+/// `text`; a string that happens to contain one only costs the long way.
+fn has_negative_zero(text: &str) -> bool {
+    text.match_indices("-0.0")
+        .any(|(i, _)| !text.as_bytes().get(i + 4).is_some_and(u8::is_ascii_digit))
 }
 
 /// A stored result: one of the two shapes, told apart by their fields (and `schema`).
@@ -404,7 +436,114 @@ fn percentile(cohort: &[f64], score: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+    use crate::domain::provenance::canonical_json;
+
+    /// Every field of the feature models' result shapes present, and one without its optional
+    /// explanation (written as null).
+    fn feature_results() -> Vec<AnalysisResult> {
+        let flags = vec![RangeFlag {
+            feature: "age".into(),
+            training_range: [30.0, 80.0],
+            value: 91.5,
+        }];
+        let explanation = Some(Explanation {
+            contributions: vec![Contribution {
+                coefficient: -0.5,
+                contribution: 0.25,
+                feature: "menostat=Post".into(),
+                mean: 0.6,
+                value: 1.0,
+            }],
+            reference: "a patient with the training cohort's mean values".into(),
+            scale: "log-odds".into(),
+        });
+        let classification = ClassificationResult {
+            bag: None,
+            decision: Decision {
+                label: "malignant".into(),
+                margin: 0.2,
+                positive_label: "malignant".into(),
+                probability: 0.7,
+                threshold: 0.5,
+                threshold_source: "card".into(),
+            },
+            explanation: explanation.clone(),
+            intended_use: "Research use only, not a medical device.".into(),
+            out_of_training_range: flags.clone(),
+            predictions: vec![Prediction {
+                label: "benign".into(),
+                probability: 0.3,
+            }],
+            schema: CLASSIFICATION_SCHEMA.into(),
+            slide: None,
+            stages: None,
+        };
+        let survival = SurvivalResult {
+            event: "death".into(),
+            explanation,
+            intended_use: "Research use only, not a medical device.".into(),
+            out_of_training_range: flags,
+            risk: Risk {
+                cohort_percentile: 40.0,
+                hazard_ratio: 1.2,
+                score: 0.18,
+            },
+            schema: SURVIVAL_SCHEMA.into(),
+            survival: vec![SurvivalPoint {
+                days: 365.0,
+                probability: 0.8,
+            }],
+        };
+        let plain = ClassificationResult {
+            explanation: None,
+            ..classification.clone()
+        };
+        vec![
+            AnalysisResult::Classification(classification),
+            AnalysisResult::Survival(survival),
+            AnalysisResult::Classification(plain),
+        ]
+    }
+
+    #[test]
+    fn feature_results_are_written_in_their_canonical_form() {
+        for result in feature_results() {
+            let sorted = canonical_json(&serde_json::to_value(&result).expect("a result tree"));
+            // The types declare their fields in key order: serde writes them sorted already.
+            assert_eq!(
+                serde_json::to_string(&result).expect("a result text"),
+                String::from_utf8(sorted.clone()).expect("UTF-8"),
+                "a result type's fields are not declared in key order"
+            );
+            assert_eq!(canonical_text(&result).get().as_bytes(), sorted);
+        }
+    }
+
+    #[test]
+    fn a_negative_zero_is_written_as_the_canonical_form_writes_it() {
+        let AnalysisResult::Classification(mut c) = feature_results().remove(0) else {
+            unreachable!()
+        };
+        c.explanation
+            .as_mut()
+            .expect("an explanation")
+            .contributions[0]
+            .contribution = -0.0;
+        let result = AnalysisResult::Classification(c);
+        let text = canonical_text(&result);
+        assert!(
+            text.get().contains(r#""contribution":0.0"#),
+            "{}",
+            text.get()
+        );
+        assert_eq!(
+            text.get().as_bytes(),
+            canonical_json(&serde_json::to_value(&result).expect("a result tree"))
+        );
+        assert!(has_negative_zero("[1,-0.0]") && has_negative_zero(r#"{"a":-0.0}"#));
+        assert!(!has_negative_zero("[-0.05,-0.01e-3,10.0]"));
+    }
 
     #[test]
     fn percentiles_interpolate_and_clamp() {

@@ -1073,9 +1073,12 @@ fn result_document(
 ) -> Result<(Value, Value), String> {
     let result = crate::domain::result::build(&model.manifest, outputs, encoded, flags)?;
     let document = serde_json::to_value(result).map_err(|e| e.to_string())?;
-    let timings = json!({ "queue_wait_ms": t.queue_wait_ms, "infer_ms": t.infer_ms,
-                          "batch_size": t.batch_size, "dispatch": t.dispatch });
-    Ok((document, timings))
+    Ok((document, timings_document(t)))
+}
+
+fn timings_document(t: &Timings) -> Value {
+    json!({ "queue_wait_ms": t.queue_wait_ms, "infer_ms": t.infer_ms,
+            "batch_size": t.batch_size, "dispatch": t.dispatch })
 }
 
 /// Runs one checked input now, outside the queue, for a submitter who waits for it: the result
@@ -1085,7 +1088,7 @@ pub fn run_inline(
     model: &LoadedModel,
     encoded: &[f64],
     flags: Vec<RangeFlag>,
-) -> Result<(Value, Value), String> {
+) -> Result<(Box<serde_json::value::RawValue>, Value), String> {
     let started = Instant::now();
     let outputs = model.onnx.predict(encoded).map_err(|e| format!("{e:#}"))?;
     let infer_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -1098,5 +1101,9 @@ pub fn run_inline(
         batch_size: 1,
         dispatch: "inline",
     };
-    result_document(model, row, encoded, flags, &timings)
+    let result = crate::domain::result::build(&model.manifest, row, encoded, flags)?;
+    Ok((
+        crate::domain::result::canonical_text(&result),
+        timings_document(&timings),
+    ))
 }

@@ -288,7 +288,7 @@ async fn run_inline(
             }
             state.metrics.batch_size.observe(1.0);
             Finished {
-                result: crate::domain::provenance::canonical_text(&result),
+                result,
                 timings,
                 execution_provider: provider.to_owned(),
                 created_at,
