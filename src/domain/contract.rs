@@ -6,8 +6,11 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 
-/// The manifest format this build reads.
-pub const MANIFEST_SCHEMA: &str = "onkos.manifest/2";
+/// The newest manifest format, which this build reads with the one before it.
+pub const MANIFEST_SCHEMA: &str = "onkos.manifest/3";
+/// The previous format, still read: /3 only added `slide.normalise.space`. A manifest that uses it
+/// says /3, so that a build which does not know it refuses the model instead of feeding it RGB.
+pub const MANIFEST_SCHEMA_V2: &str = "onkos.manifest/2";
 
 /// What `manifest.json` beside each ONNX file says. It is the model's contract: what goes in (and
 /// how onkos encodes it), what comes out and what it means, and what the model was shown to do.
@@ -316,10 +319,20 @@ pub struct ValidFeatures {
 impl Manifest {
     /// A manifest that contradicts itself would make every result wrong; refuse it at load.
     pub fn check(&self) -> Result<(), String> {
-        if self.schema != MANIFEST_SCHEMA {
+        if self.schema != MANIFEST_SCHEMA && self.schema != MANIFEST_SCHEMA_V2 {
             return Err(format!(
-                "schema is {:?}, this build reads {MANIFEST_SCHEMA:?}",
+                "schema is {:?}, this build reads {MANIFEST_SCHEMA:?} and {MANIFEST_SCHEMA_V2:?}",
                 self.schema
+            ));
+        }
+        let space = self
+            .slide
+            .as_ref()
+            .and_then(|s| s.normalise.as_ref())
+            .map_or(PixelSpace::Rgb, |n| n.space);
+        if space != PixelSpace::Rgb && self.schema != MANIFEST_SCHEMA {
+            return Err(format!(
+                "normalise.space is read from {MANIFEST_SCHEMA:?} manifests on: builds that read only {MANIFEST_SCHEMA_V2:?} would ignore it"
             ));
         }
         match (self.modality.as_str(), &self.slide, &self.mil) {
@@ -875,6 +888,32 @@ mod tests {
             "metrics": {}, "intended_use": "research"
         }))
         .expect("test manifest")
+    }
+
+    #[test]
+    fn an_optical_density_input_needs_the_manifest_format_that_has_it() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/he-stain-quantification/manifest.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the bundled stain model's manifest");
+        let mut stain: Manifest = serde_json::from_str(&text).expect("it parses");
+        assert_eq!(stain.schema, MANIFEST_SCHEMA);
+        assert_eq!(stain.check(), Ok(()));
+        // A /2 build would ignore `space` and feed the model RGB: a /2 manifest may not use it.
+        stain.schema = MANIFEST_SCHEMA_V2.into();
+        let refused = stain.check().expect_err("space in a /2 manifest");
+        assert!(refused.contains("normalise.space"), "{refused}");
+        if let Some(n) = stain.slide.as_mut().and_then(|s| s.normalise.as_mut()) {
+            n.space = PixelSpace::Rgb;
+        }
+        assert_eq!(stain.check(), Ok(()));
+        // /2 manifests without it are still read.
+        let mut v2 = manifest();
+        v2.schema = MANIFEST_SCHEMA_V2.into();
+        assert_eq!(v2.check(), Ok(()));
+        v2.schema = "onkos.manifest/1".into();
+        assert!(v2.check().is_err());
     }
 
     fn map(v: Value) -> Map<String, Value> {

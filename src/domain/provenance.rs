@@ -84,7 +84,8 @@ fn clear_negative_zeros(value: &mut Value) {
 /// A document as its canonical JSON text: the form a result is stored, digested and answered in,
 /// written once.
 pub fn canonical_text(value: &Value) -> Box<RawValue> {
-    // Writing a `Value` cannot fail, and what serde_json writes is JSON.
+    // Writing a `Value` cannot fail (its keys are strings, the writer a Vec), and what serde_json
+    // writes is JSON: the defaults below are never taken.
     let text = String::from_utf8(canonical_json(value)).unwrap_or_default();
     RawValue::from_string(text).unwrap_or_default()
 }

@@ -222,7 +222,7 @@ pub struct SurvivalResult {
 /// order, so serde already writes them sorted (a test holds them to it), and no `Value` tree is
 /// built. Other shapes, and a result with a negative zero (which the canonical form writes as
 /// 0.0), take the long way through a sorted `Value`.
-pub fn canonical_text(result: &AnalysisResult) -> Box<RawValue> {
+pub fn canonical_text(result: &AnalysisResult) -> Result<Box<RawValue>, String> {
     let key_ordered = match result {
         AnalysisResult::Classification(c) => {
             c.bag.is_none() && c.slide.is_none() && c.stages.is_none()
@@ -230,14 +230,12 @@ pub fn canonical_text(result: &AnalysisResult) -> Box<RawValue> {
         AnalysisResult::Survival(_) => true,
         AnalysisResult::Slide(_) => false,
     };
-    match serde_json::to_string(result) {
-        Ok(text) if key_ordered && !has_negative_zero(&text) => {
-            RawValue::from_string(text).unwrap_or_default()
-        }
-        _ => crate::domain::provenance::canonical_text(
-            &serde_json::to_value(result).unwrap_or_default(),
-        ),
+    let text = serde_json::to_string(result).map_err(|e| e.to_string())?;
+    if key_ordered && !has_negative_zero(&text) {
+        return RawValue::from_string(text).map_err(|e| e.to_string());
     }
+    let tree = serde_json::to_value(result).map_err(|e| e.to_string())?;
+    Ok(crate::domain::provenance::canonical_text(&tree))
 }
 
 /// Whether serde_json wrote a negative zero (`-0.0` not followed by more digits) anywhere in
@@ -516,7 +514,8 @@ mod tests {
                 String::from_utf8(sorted.clone()).expect("UTF-8"),
                 "a result type's fields are not declared in key order"
             );
-            assert_eq!(canonical_text(&result).get().as_bytes(), sorted);
+            let text = canonical_text(&result).expect("a canonical text");
+            assert_eq!(text.get().as_bytes(), sorted);
         }
     }
 
@@ -531,7 +530,7 @@ mod tests {
             .contributions[0]
             .contribution = -0.0;
         let result = AnalysisResult::Classification(c);
-        let text = canonical_text(&result);
+        let text = canonical_text(&result).expect("a canonical text");
         assert!(
             text.get().contains(r#""contribution":0.0"#),
             "{}",

@@ -182,7 +182,7 @@ pub async fn version(
     Ok(Json(detail(row, versions_of(&rows, &name))?))
 }
 
-/// Register a model version (admin). Multipart parts: `manifest` (JSON, format `onkos.manifest/2`),
+/// Register a model version (admin). Multipart parts: `manifest` (JSON, format `onkos.manifest/3` or `/2`),
 /// `onnx` (the file) and optionally `card` (Markdown).
 ///
 /// Nothing is stored unless the manifest is consistent, the file's sha256 matches it, the ONNX loads,

@@ -1103,7 +1103,7 @@ pub fn run_inline(
     };
     let result = crate::domain::result::build(&model.manifest, row, encoded, flags)?;
     Ok((
-        crate::domain::result::canonical_text(&result),
+        crate::domain::result::canonical_text(&result)?,
         timings_document(&timings),
     ))
 }

@@ -205,16 +205,8 @@ pub struct AnalysisPage {
 }
 
 pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
-    // Passed through as stored: it was built from the typed result, and re-parsing it on every read
-    // would cost more than the rest of the read.
-    let result = r.result;
-    let timing = |key: &str| {
-        r.timings
-            .as_ref()
-            .and_then(|t| t.get(key))
-            .and_then(Value::as_f64)
-    };
-    let stored_use = result
+    let stored_use = r
+        .result
         .as_ref()
         .and_then(|r| r.get("intended_use"))
         .and_then(Value::as_str);
@@ -228,6 +220,20 @@ pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<
             Ok(model) => model.manifest.intended_use.clone(),
             Err(_) => "Research use only, not a medical device.".into(),
         },
+    };
+    view_with(r, intended_use)
+}
+
+/// The view of a record whose intended use is known (a result's own, or its model's).
+pub(crate) fn view_with(r: AnalysisRecord, intended_use: String) -> anyhow::Result<AnalysisView> {
+    // Passed through as stored: it was built from the typed result, and re-parsing it on every read
+    // would cost more than the rest of the read.
+    let result = r.result;
+    let timing = |key: &str| {
+        r.timings
+            .as_ref()
+            .and_then(|t| t.get(key))
+            .and_then(Value::as_f64)
     };
     Ok(AnalysisView {
         id: AnalysisId(r.id),

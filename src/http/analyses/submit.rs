@@ -3,7 +3,9 @@
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
 use super::read::{parse_wait, read_when_final};
-use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, ResultDocument, view};
+use super::{
+    AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, ResultDocument, view, view_with,
+};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
@@ -226,7 +228,8 @@ pub async fn create(
         let analysis = stored.into_iter().next().unwrap_or_else(|| unreachable!());
         let result = analysis.finished.as_ref().map(|f| f.result.clone());
         let record = finished_record(&submission, analysis);
-        let mut answer = view(&state, record).await?;
+        // The result's own intended use: it was built from this manifest's.
+        let mut answer = view_with(record, manifest.intended_use.clone())?;
         answer.result = result.map(ResultDocument::Stored);
         return Ok(with_location(
             (StatusCode::OK, Json(answer)).into_response(),
