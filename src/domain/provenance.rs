@@ -48,35 +48,53 @@ impl ProvenanceRecord {
 }
 
 /// The canonical JSON of a document: serde_json's `Value` keeps object keys sorted (the crate is
-/// built without `preserve_order`), `to_vec` writes no whitespace, and -0.0 is written as 0.0
-/// (Postgres numbers have no negative zero, so a stored document reads back without it).
+/// built without `preserve_order`), `to_vec` writes no whitespace, and numbers are written as a
+/// document stored in Postgres reads back: -0.0 as 0.0 (Postgres numbers have no negative zero),
+/// and whole floats from 1e16 that fit a 64-bit integer as that integer (serde_json writes them
+/// `1e+16`, Postgres `10000000000000000`, which serde_json reads back as an integer).
 pub fn canonical_json(value: &Value) -> Vec<u8> {
-    if has_negative_zero(value) {
+    if has_rewritten(value) {
         let mut value = value.clone();
-        clear_negative_zeros(&mut value);
+        rewrite_numbers(&mut value);
         return serde_json::to_vec(&value).unwrap_or_default();
     }
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn is_negative_zero(n: &serde_json::Number) -> bool {
-    n.as_f64().is_some_and(|f| f == 0.0 && f.is_sign_negative())
+/// What a float becomes after a trip through Postgres, when that differs from how it is written.
+fn rewritten(n: &serde_json::Number) -> Option<Value> {
+    let f = n.as_f64().filter(|_| n.is_f64())?;
+    if f == 0.0 && f.is_sign_negative() {
+        return Some(Value::from(0.0));
+    }
+    // From 1e16 serde_json writes an exponent; every float that large is whole.
+    if (1e16..18_446_744_073_709_551_616.0).contains(&f) {
+        return Some(Value::from(f as u64));
+    }
+    if (-9_223_372_036_854_775_808.0..=-1e16).contains(&f) {
+        return Some(Value::from(f as i64));
+    }
+    None
 }
 
-fn has_negative_zero(value: &Value) -> bool {
+fn has_rewritten(value: &Value) -> bool {
     match value {
-        Value::Number(n) => is_negative_zero(n),
-        Value::Array(items) => items.iter().any(has_negative_zero),
-        Value::Object(map) => map.values().any(has_negative_zero),
+        Value::Number(n) => rewritten(n).is_some(),
+        Value::Array(items) => items.iter().any(has_rewritten),
+        Value::Object(map) => map.values().any(has_rewritten),
         _ => false,
     }
 }
 
-fn clear_negative_zeros(value: &mut Value) {
+fn rewrite_numbers(value: &mut Value) {
     match value {
-        Value::Number(n) if is_negative_zero(n) => *value = Value::from(0.0),
-        Value::Array(items) => items.iter_mut().for_each(clear_negative_zeros),
-        Value::Object(map) => map.values_mut().for_each(clear_negative_zeros),
+        Value::Number(n) => {
+            if let Some(v) = rewritten(n) {
+                *value = v;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(rewrite_numbers),
+        Value::Object(map) => map.values_mut().for_each(rewrite_numbers),
         _ => {}
     }
 }
@@ -196,6 +214,24 @@ mod tests {
         )
         .unwrap_or_default();
         assert_eq!(result_digest(&result), result_digest(&reread));
+    }
+
+    #[test]
+    fn large_floats_digest_like_the_numbers_postgres_reads_back() {
+        let written =
+            json!({"n": -0.0, "q": 1e15, "v": 1e16, "w": -2e18, "x": 1.5e17, "y": 1e20, "z": 12.5});
+        assert!(
+            serde_json::to_string(&written)
+                .expect("text")
+                .contains("1e+16")
+        );
+        // What Postgres 15 answers for that document stored as jsonb (`select $1::jsonb::text`).
+        let reread: Value = serde_json::from_str(
+            r#"{"n": 0.0, "q": 1000000000000000.0, "v": 10000000000000000, "w": -2000000000000000000, "x": 150000000000000000, "y": 100000000000000000000, "z": 12.5}"#,
+        )
+        .expect("Postgres's text");
+        assert_eq!(canonical_json(&written), canonical_json(&reread));
+        assert_eq!(result_digest(&written), result_digest(&reread));
     }
 
     #[test]

@@ -220,8 +220,8 @@ pub struct SurvivalResult {
 /// ([`crate::domain::provenance::canonical_json`]). A feature model's result (classification or
 /// survival) is written straight from the typed result: those types declare their fields in key
 /// order, so serde already writes them sorted (a test holds them to it), and no `Value` tree is
-/// built. Other shapes, and a result with a negative zero (which the canonical form writes as
-/// 0.0), take the long way through a sorted `Value`.
+/// built. Other shapes, and a result with a number the canonical form writes differently (a
+/// negative zero, or an exponent: `1e+16`), take the long way through a sorted `Value`.
 pub fn canonical_text(result: &AnalysisResult) -> Result<Box<RawValue>, String> {
     let key_ordered = match result {
         AnalysisResult::Classification(c) => {
@@ -231,7 +231,7 @@ pub fn canonical_text(result: &AnalysisResult) -> Result<Box<RawValue>, String> 
         AnalysisResult::Slide(_) => false,
     };
     let text = serde_json::to_string(result).map_err(|e| e.to_string())?;
-    if key_ordered && !has_negative_zero(&text) {
+    if key_ordered && !has_negative_zero(&text) && !text.contains("e+") {
         return RawValue::from_string(text).map_err(|e| e.to_string());
     }
     let tree = serde_json::to_value(result).map_err(|e| e.to_string())?;
@@ -539,6 +539,18 @@ mod tests {
         assert_eq!(
             text.get().as_bytes(),
             canonical_json(&serde_json::to_value(&result).expect("a result tree"))
+        );
+        // A whole float from 1e16 is written with an exponent, and canonically as an integer.
+        let AnalysisResult::Classification(mut c) = feature_results().remove(0) else {
+            unreachable!()
+        };
+        c.out_of_training_range[0].value = 2.5e16;
+        let result = AnalysisResult::Classification(c);
+        let text = canonical_text(&result).expect("a canonical text");
+        assert!(
+            text.get().contains(r#""value":25000000000000000"#),
+            "{}",
+            text.get()
         );
         assert!(has_negative_zero("[1,-0.0]") && has_negative_zero(r#"{"a":-0.0}"#));
         assert!(!has_negative_zero("[-0.05,-0.01e-3,10.0]"));
