@@ -108,6 +108,12 @@ pub fn canonical_text(value: &Value) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_default()
 }
 
+/// The digest of a result document already written as its canonical text ([`canonical_text`]):
+/// the same as [`result_digest`] of its tree, without writing it again.
+pub fn text_digest(text: &RawValue) -> String {
+    sha256_hex(text.get().as_bytes())
+}
+
 /// The digest of a result document.
 pub fn result_digest(result: &Value) -> String {
     sha256_hex(&canonical_json(result))

@@ -722,7 +722,7 @@ impl Worker {
             .filter(|s| done.contains(&s.job.analysis_id))
             .map(|s| repo::provenance::Stored {
                 analysis_id: s.job.analysis_id,
-                result_sha256: crate::domain::provenance::sha256_hex(s.result.get().as_bytes()),
+                result_sha256: crate::domain::provenance::text_digest(&s.result),
                 execution_provider: provider,
             })
             .collect();

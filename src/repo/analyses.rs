@@ -187,7 +187,7 @@ pub async fn insert_with_jobs(
             .filter_map(|(_, a)| {
                 a.finished.as_ref().map(|f| super::provenance::Stored {
                     analysis_id: a.id.0,
-                    result_sha256: crate::domain::provenance::sha256_hex(f.result.get().as_bytes()),
+                    result_sha256: crate::domain::provenance::text_digest(&f.result),
                     execution_provider: &f.execution_provider,
                 })
             })

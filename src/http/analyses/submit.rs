@@ -226,8 +226,7 @@ pub async fn create(
         // Answered from what was just committed, as a read of it would return it; the result
         // as the text it was stored as.
         let analysis = stored.into_iter().next().unwrap_or_else(|| unreachable!());
-        let result = analysis.finished.as_ref().map(|f| f.result.clone());
-        let record = finished_record(&submission, analysis);
+        let (record, result) = finished_record(&submission, analysis);
         // The result's own intended use: it was built from this manifest's.
         let mut answer = view_with(record, manifest.intended_use.clone())?;
         answer.result = result.map(ResultDocument::Stored);
@@ -310,10 +309,14 @@ async fn run_inline(
     }
 }
 
-/// The stored form of an analysis that was stored finished.
-fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRecord {
+/// The stored form of an analysis that was stored finished, with its result's stored text beside
+/// it (moved, not copied).
+fn finished_record(
+    submission: &Submission,
+    analysis: NewAnalysis,
+) -> (AnalysisRecord, Option<Box<serde_json::value::RawValue>>) {
     let finished = analysis.finished;
-    AnalysisRecord {
+    let record = AnalysisRecord {
         id: analysis.id.0,
         subject: analysis.subject,
         model_name: submission.model_name.clone(),
@@ -333,7 +336,8 @@ fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRe
         progress_total: None,
         timings: finished.as_ref().map(|f| f.timings.clone()),
         result: None,
-    }
+    };
+    (record, finished.map(|f| f.result))
 }
 
 fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {
