@@ -81,6 +81,12 @@ pub struct Config {
     pub cuda_device_id: i32,
     /// Cap on the CUDA memory arena of each session, in bytes; unset: no cap.
     pub cuda_memory_limit_bytes: Option<usize>,
+    /// Let CUDA run float32 matrix products and convolutions on TF32 tensor cores (10-bit
+    /// mantissa). Off by default: results then agree with the CPU to float32 rounding.
+    pub cuda_tf32: bool,
+    /// Ask CUDA for NHWC (channels-last) convolution kernels, which tensor cores run faster for
+    /// float16 convolutional models.
+    pub cuda_prefer_nhwc: bool,
     /// Folder whose CUDA libraries (cudart, cublas, cublasLt, cufft) are loaded before ONNX Runtime
     /// looks for them (e.g. the nvidia-*-cu13 wheels' `lib` folders, or a CUDA install).
     pub cuda_library_dir: Option<PathBuf>,
@@ -184,6 +190,8 @@ impl Default for Config {
             execution_provider: "auto".into(),
             cuda_device_id: 0,
             cuda_memory_limit_bytes: None,
+            cuda_tf32: false,
+            cuda_prefer_nhwc: false,
             cuda_library_dir: None,
             cudnn_library_dir: None,
             inference_threads: 1,

@@ -68,6 +68,31 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Run every bundled feature model on its reference cohort, and the named tile models on
+    /// pseudo-random tiles, through both the CPU and the CUDA execution providers, and print the
+    /// differences (one line per model; exits 1 when one is over its float32 tolerance).
+    BenchParity {
+        /// Slide (tile) models to compare too, by folder name under the models directory.
+        #[arg(long = "tile-model")]
+        tile_models: Vec<String>,
+        /// Compare the CPU with `cuda`, or with `cpu` again (a check of the harness itself).
+        #[arg(long, default_value = "cuda")]
+        against: String,
+    },
+    /// Tiles per second of a slide model through onkos's inference path at each batch size.
+    BenchTiles {
+        #[arg(long)]
+        model: String,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128,256,512")]
+        batches: Vec<usize>,
+        /// Timed seconds per batch size (at least 5 runs each).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Write each batch into CUDA-pinned host memory instead of an ordinary buffer.
+        #[arg(long)]
+        pinned: bool,
+    },
     /// Run the slide pipeline on one slide file and, in the same run, decode all its level-0
     /// tiles on all cores (the limit the pipeline is measured against)
     BenchSlide {
@@ -122,6 +147,43 @@ async fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_secs(seconds),
             )?;
             println!("{rate:.0}");
+        }
+        Command::BenchParity {
+            tile_models,
+            against,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let against = match against.as_str() {
+                "cuda" => onkos::inference::ProviderChoice::Cuda,
+                "cpu" => onkos::inference::ProviderChoice::Cpu,
+                other => anyhow::bail!("--against {other:?} is not cuda or cpu"),
+            };
+            let lines = onkos::inference::bench::parity(&config, &tile_models, against)?;
+            let ok = lines.iter().all(|l| l.ends_with("ok=true"));
+            for line in lines {
+                println!("{line}");
+            }
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+        Command::BenchTiles {
+            model,
+            batches,
+            seconds,
+            pinned,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let feed = if pinned {
+                onkos::inference::bench::Feed::Pinned
+            } else {
+                onkos::inference::bench::Feed::Pageable
+            };
+            for line in
+                onkos::inference::bench::tile_throughput(&config, &model, &batches, seconds, feed)?
+            {
+                println!("{line}");
+            }
         }
         Command::BenchSlide {
             slide,

@@ -61,6 +61,10 @@ pub struct CudaSettings {
     pub device_id: i32,
     /// Arena cap per session, in bytes.
     pub memory_limit: Option<usize>,
+    /// TF32 tensor cores for float32 products and convolutions.
+    pub tf32: bool,
+    /// NHWC convolution kernels.
+    pub prefer_nhwc: bool,
 }
 
 /// How sessions are built: the process's environment, the execution provider, intra-op threads.
@@ -103,6 +107,8 @@ impl SessionOptions {
             cuda: CudaSettings {
                 device_id: config.cuda_device_id,
                 memory_limit: config.cuda_memory_limit_bytes,
+                tf32: config.cuda_tf32,
+                prefer_nhwc: config.cuda_prefer_nhwc,
             },
             threads: config.inference_threads,
             slide_threads: config.slide_inference_threads,
@@ -258,48 +264,71 @@ impl OnnxModel {
             .lock()
             .map_err(|_| anyhow!("an earlier inference panicked"))?;
         let result = session.run(ort::inputs![self.input.as_str() => TensorRef::from_array_view(([n, 3, size, size], pixels))?])?;
-        let embeddings = match embedding {
-            None => None,
-            Some(name) => {
-                let value = result
-                    .get(name)
-                    .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
-                let (shape, rows) = value.try_extract_tensor::<f32>()?;
-                let dim = usize::try_from(shape.iter().skip(1).product::<i64>()).unwrap_or(0);
-                anyhow::ensure!(
-                    shape.first() == Some(&(n as i64)) && dim > 0 && rows.len() == n * dim,
-                    "output {name} has shape {shape:?}, not [{n}, D]"
-                );
-                Some((dim, rows.to_vec()))
+        tile_outputs(&result, n, n, outputs, embedding)
+    }
+
+    /// A buffer for batches of up to `capacity` tiles of `size`: on a CUDA session, page-locked
+    /// host memory from the session's pinned allocator, which the GPU reads by DMA instead of
+    /// through a staging copy (BENCHMARKS.md, GPU); otherwise ordinary memory.
+    pub fn tile_batch(&self, capacity: usize, size: usize) -> TileBatch {
+        if self.provider == CUDA
+            && let Ok(session) = self.session.lock()
+        {
+            use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+            let pinned = MemoryInfo::new(
+                AllocationDevice::CUDA_PINNED,
+                0,
+                AllocatorType::Device,
+                MemoryType::CPUInput,
+            )
+            .and_then(|info| Allocator::new(&session, info))
+            .and_then(|allocator| {
+                ort::value::Tensor::<f32>::new(&allocator, [capacity.max(1), 3, size, size])
+            });
+            match pinned {
+                Ok(tensor) => return TileBatch::Fixed(tensor),
+                Err(e) => tracing::debug!(error = %e, "no pinned memory for tile batches"),
             }
-        };
-        let values = outputs
-            .iter()
-            .map(|(name, column)| {
-                let value = result
-                    .get(name.as_str())
-                    .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
-                let rows = matrix(value, n)?;
-                let per_tile: Vec<f64> = match column {
-                    None => rows.into_iter().flatten().collect(),
-                    Some(c) => rows
-                        .iter()
-                        .map(|row| {
-                            row.get(*c).copied().ok_or_else(|| {
-                                anyhow!("output {name} has {} columns, not {}", row.len(), c + 1)
-                            })
-                        })
-                        .collect::<anyhow::Result<_>>()?,
-                };
+        }
+        TileBatch::Host(Vec::new())
+    }
+
+    /// [`predict_tiles`](Self::predict_tiles) on the first `n` tiles of a batch buffer. A fixed
+    /// (pinned) batch always runs whole (the tiles past `n` are left over from an earlier batch and their
+    /// outputs dropped): one input shape per session, so cuDNN's search for the fastest
+    /// convolution algorithms, which runs for every new shape, runs once.
+    pub fn predict_batch(
+        &self,
+        batch: &TileBatch,
+        n: usize,
+        size: usize,
+        outputs: &[(String, Option<usize>)],
+        embedding: Option<&str>,
+    ) -> anyhow::Result<(Vec<Vec<f64>>, Option<TileEmbeddings>)> {
+        match batch {
+            TileBatch::Host(pixels) => {
+                let len = n * 3 * size * size;
                 anyhow::ensure!(
-                    per_tile.len() == n,
-                    "output {name} gives {} values for {n} tiles",
-                    per_tile.len()
+                    pixels.len() >= len,
+                    "the batch buffer holds fewer than {n} tiles"
                 );
-                Ok(per_tile)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok((values, embeddings))
+                self.predict_tiles(&pixels[..len], n, size, outputs, embedding)
+            }
+            TileBatch::Fixed(tensor) => {
+                let rows = usize::try_from(tensor.shape()[0]).unwrap_or(0);
+                anyhow::ensure!(
+                    n > 0 && n <= rows && tensor.shape()[2] == size as i64,
+                    "{n} tiles of {size} do not fit a batch of shape {:?}",
+                    tensor.shape()
+                );
+                let mut session = self
+                    .session
+                    .lock()
+                    .map_err(|_| anyhow!("an earlier inference panicked"))?;
+                let result = session.run(ort::inputs![self.input.as_str() => tensor])?;
+                tile_outputs(&result, rows, n, outputs, embedding)
+            }
+        }
     }
 
     /// Runs one bag of `n` embeddings (`[n, width]` float32, row-major) through a MIL head: the
@@ -354,6 +383,86 @@ impl OnnxModel {
             .map(|s| s.outputs().iter().map(|o| o.name().to_owned()).collect())
             .unwrap_or_default()
     }
+}
+
+/// A batch of tiles on its way to [`OnnxModel::predict_batch`].
+#[derive(Debug)]
+pub enum TileBatch {
+    /// Ordinary host memory, resized to each batch.
+    Host(Vec<f32>),
+    /// A tensor of a fixed number of tiles, always run whole; on CUDA it is page-locked memory
+    /// from the session's pinned allocator ([`OnnxModel::tile_batch`]).
+    Fixed(ort::value::Tensor<f32>),
+}
+
+impl TileBatch {
+    /// The pixels of the first `n` tiles of `tile_len` values each, to be written.
+    pub fn pixels_mut(&mut self, n: usize, tile_len: usize) -> anyhow::Result<&mut [f32]> {
+        match self {
+            Self::Host(pixels) => {
+                pixels.resize(n * tile_len, 0.0);
+                Ok(&mut pixels[..])
+            }
+            Self::Fixed(tensor) => {
+                let (_, data) = tensor.extract_tensor_mut();
+                data.get_mut(..n * tile_len)
+                    .ok_or_else(|| anyhow!("{n} tiles do not fit the batch"))
+            }
+        }
+    }
+}
+
+/// The outputs of a run over `rows` tiles, for the first `keep` of them.
+fn tile_outputs(
+    result: &ort::session::SessionOutputs<'_>,
+    rows: usize,
+    keep: usize,
+    outputs: &[(String, Option<usize>)],
+    embedding: Option<&str>,
+) -> anyhow::Result<(Vec<Vec<f64>>, Option<TileEmbeddings>)> {
+    let embeddings = match embedding {
+        None => None,
+        Some(name) => {
+            let value = result
+                .get(name)
+                .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
+            let (shape, values) = value.try_extract_tensor::<f32>()?;
+            let dim = usize::try_from(shape.iter().skip(1).product::<i64>()).unwrap_or(0);
+            anyhow::ensure!(
+                shape.first() == Some(&(rows as i64)) && dim > 0 && values.len() == rows * dim,
+                "output {name} has shape {shape:?}, not [{rows}, D]"
+            );
+            Some((dim, values[..keep * dim].to_vec()))
+        }
+    };
+    let values = outputs
+        .iter()
+        .map(|(name, column)| {
+            let value = result
+                .get(name.as_str())
+                .ok_or_else(|| anyhow!("the model has no output {name:?}"))?;
+            let matrix = matrix(value, rows)?;
+            let per_tile: Vec<f64> = match column {
+                None => matrix.into_iter().take(keep).flatten().collect(),
+                Some(c) => matrix
+                    .iter()
+                    .take(keep)
+                    .map(|row| {
+                        row.get(*c).copied().ok_or_else(|| {
+                            anyhow!("output {name} has {} columns, not {}", row.len(), c + 1)
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            anyhow::ensure!(
+                per_tile.len() == keep,
+                "output {name} gives {} values for {keep} tiles",
+                per_tile.len()
+            );
+            Ok(per_tile)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((values, embeddings))
 }
 
 /// Every value of a float output (f32 or f64), whatever its shape.
@@ -413,7 +522,10 @@ fn build_session(
     };
     let mut builder = match cuda {
         Some(settings) => {
-            let mut provider = ep::CUDA::default().with_device_id(settings.device_id);
+            let mut provider = ep::CUDA::default()
+                .with_device_id(settings.device_id)
+                .with_tf32(settings.tf32)
+                .with_prefer_nhwc(settings.prefer_nhwc);
             if let Some(limit) = settings.memory_limit {
                 provider = provider.with_memory_limit(limit);
             }

@@ -7,7 +7,7 @@ use super::read::Rgb;
 use super::slide::{LevelSize, Slide};
 use super::stain::{Estimate, Normaliser};
 use crate::domain::contract::{Aggregation, Normalise, PixelSpace, SlideSpec};
-use crate::inference::{OnnxModel, TileEmbeddings};
+use crate::inference::{OnnxModel, TileBatch, TileEmbeddings};
 use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::Path;
@@ -66,6 +66,8 @@ pub struct StageTimes {
     pub mask: f64,
     pub read_decode: f64,
     pub infer: f64,
+    /// How long inference waited for decoded tiles (the model idle; included in no other stage).
+    pub wait_tiles: f64,
     pub aggregate: f64,
 }
 
@@ -197,22 +199,31 @@ pub fn analyse(
     };
     let mut read_decode_ms = 0.0;
     let mut infer_ms = 0.0;
+    let mut wait_ms = 0.0;
     let mut embeddings: Option<TileEmbeddings> = None;
     let batches: Vec<&[(u32, u32)]> = grid.chunks(plan.batch.max(1)).collect();
     std::thread::scope(|scope| -> Result<(), Stopped> {
         // Decoding runs one batch ahead of inference: two batches in flight at most. Each tile
         // is decoded straight into its place in the batch's input, and inference hands the
         // buffers back, so a slide allocates two batches' worth of input, not one per batch.
-        let (send, receive) = sync_channel::<Result<(Vec<f32>, f64), Stopped>>(1);
-        let (recycle, recycled) = sync_channel::<Vec<f32>>(2);
+        let (send, receive) = sync_channel::<Result<(TileBatch, f64), Stopped>>(1);
+        let (recycle, recycled) = sync_channel::<TileBatch>(2);
         let slide = &slide;
         let batches = &batches;
         let tile_len = 3 * size * size;
         scope.spawn(move || {
             for batch in batches {
                 let started = Instant::now();
-                let mut pixels = recycled.try_recv().unwrap_or_default();
-                pixels.resize(batch.len() * tile_len, 0.0);
+                let mut buffer = recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| plan.onnx.tile_batch(plan.batch.max(1), size));
+                let pixels = match buffer.pixels_mut(batch.len(), tile_len) {
+                    Ok(pixels) => pixels,
+                    Err(e) => {
+                        let _ = send.send(Err(Stopped::Inference(format!("{e:#}"))));
+                        return;
+                    }
+                };
                 let decoded: Result<(), Stopped> = pixels
                     .par_chunks_mut(tile_len)
                     .zip(batch.par_iter())
@@ -227,7 +238,7 @@ pub fn analyse(
                         planar.write(&tile, out);
                         Ok(())
                     });
-                let message = decoded.map(|()| (pixels, ms(started)));
+                let message = decoded.map(|()| (buffer, ms(started)));
                 let failed = message.is_err();
                 if send.send(message).is_err() || failed {
                     return;
@@ -236,15 +247,17 @@ pub fn analyse(
         });
         let mut done = 0;
         for batch in batches {
-            let (pixels, decode_ms) = receive
+            let waiting = Instant::now();
+            let (buffer, decode_ms) = receive
                 .recv()
                 .map_err(|_| Stopped::Refused("the tile reader stopped".into()))??;
             read_decode_ms += decode_ms;
+            wait_ms += ms(waiting);
             let started = Instant::now();
             let (values, rows) = plan
                 .onnx
-                .predict_tiles(
-                    &pixels,
+                .predict_batch(
+                    &buffer,
                     batch.len(),
                     size,
                     &outputs,
@@ -261,7 +274,7 @@ pub fn analyse(
                 all.extend_from_slice(&rows);
             }
             infer_ms += ms(started);
-            let _ = recycle.try_send(pixels);
+            let _ = recycle.try_send(buffer);
             for (i, &(c, r)) in batch.iter().enumerate() {
                 tiles.xs.push((f64::from(c) * tile0).round() as i32);
                 tiles.ys.push((f64::from(r) * tile0).round() as i32);
@@ -284,6 +297,7 @@ pub fn analyse(
     })?;
     times.read_decode = read_decode_ms;
     times.infer = infer_ms;
+    times.wait_tiles = wait_ms;
 
     let started = Instant::now();
     let width = tiles.measures.len();

@@ -42,6 +42,12 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
         mpp,
         batch,
     };
+    // Once with a fresh session (as a worker's first slide), then timed with the session warm
+    // (as every later one): on CUDA the first run also loads kernels and searches cuDNN's
+    // convolution algorithms for the batch shape.
+    let started = Instant::now();
+    analyse(slide, &plan, &mut |_, _| true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cold_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let analysed = analyse(slide, &plan, &mut |_, _| true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let pipeline_s = started.elapsed().as_secs_f64();
@@ -108,18 +114,29 @@ pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::
     // takes the last match of a name.
     Ok(format!(
         "level_used={} read_size={read_size} file_tiles={} decode_mpix_per_s={:.1} \
-         limit_tiles_per_s={:.0} isolated_openslide_regions_per_s={isolated_per_s:.0} regions_per_s={regions_per_s:.0} pipeline_tiles={n} pipeline_tiles_per_s={:.1} ratio={:.3} \
-         mask_ms={:.0} read_decode_ms={:.0} infer_ms={:.0} total_ms={:.0} provider={}",
+         limit_tiles_per_s={:.0} isolated_openslide_regions_per_s={isolated_per_s:.0} regions_per_s={regions_per_s:.0} pipeline_tiles={n} cold_pipeline_tiles_per_s={:.1} pipeline_tiles_per_s={:.1} ratio={:.3} \
+         mask_ms={:.0} read_decode_ms={:.0} infer_ms={:.0} wait_tiles_ms={:.0} total_ms={:.0} provider={} measures={}",
         analysed.level,
         tiles.len(),
         decode_pixels_per_s / 1e6,
         decode_pixels_per_s / read_size.powi(2),
+        n as f64 / cold_s,
         n as f64 / pipeline_s,
         (n as f64 / pipeline_s) / (decode_pixels_per_s / read_size.powi(2)),
         s.mask,
         s.read_decode,
         s.infer,
+        s.wait_tiles,
         pipeline_s * 1e3,
         onnx.provider,
+        analysed
+            .measures
+            .iter()
+            .map(|(name, value)| format!(
+                "{name}:{}",
+                value.map_or("none".into(), |v| format!("{v:.9}"))
+            ))
+            .collect::<Vec<_>>()
+            .join(","),
     ))
 }

@@ -9,6 +9,7 @@ mod dicom;
 mod embeddings;
 mod fhir;
 mod helpers;
+mod inference;
 mod input_contract;
 mod limits;
 mod metrics;
