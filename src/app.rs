@@ -164,9 +164,13 @@ impl Application {
             .config
             .webhooks
             .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
+        let sealer = sealer(&self.state, &shutdown);
         self.worker.clone().run(shutdown, poll).await;
         if let Some(deliverer) = deliverer {
             deliverer.await?;
+        }
+        if let Some(sealer) = sealer {
+            sealer.await?;
         }
         probes.await??;
         if let Some(database) = self.database {
@@ -202,6 +206,7 @@ impl Application {
             .config
             .webhooks
             .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
+        let sealer = sealer(&self.state, &shutdown);
         let forgetting = self.state.limiter.is_some().then(|| {
             let (state, stop) = (self.state.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -226,6 +231,9 @@ impl Application {
         if let Some(deliverer) = deliverer {
             deliverer.await?;
         }
+        if let Some(sealer) = sealer {
+            sealer.await?;
+        }
         completions.await?;
         if let Some(forgetting) = forgetting {
             forgetting.await?;
@@ -235,4 +243,16 @@ impl Application {
         }
         Ok(served?)
     }
+}
+
+/// The provenance sealer of a process, unless the configuration leaves sealing to others.
+fn sealer(state: &AppState, shutdown: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    let every = state.config.provenance_seal_ms;
+    (every > 0).then(|| {
+        tokio::spawn(crate::jobs::sealer::run(
+            state.pool.clone(),
+            Duration::from_millis(every),
+            shutdown.clone(),
+        ))
+    })
 }

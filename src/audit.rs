@@ -12,6 +12,8 @@ pub struct TenantChain {
     pub tenant: String,
     /// Links checked.
     pub links: i64,
+    /// Records not yet sealed into the chain, each checked alone.
+    pub pending: usize,
     /// The first broken link, if any: its analysis and why.
     pub broken: Option<(Uuid, String)>,
 }
@@ -21,7 +23,7 @@ const PAGE: i64 = 1000;
 /// Checks every tenant's chain (or one tenant's), link by link, and its head.
 pub async fn verify(pool: &PgPool, only: Option<&str>) -> anyhow::Result<Vec<TenantChain>> {
     let mut report = Vec::new();
-    for (tenant, head_seq, head_chain) in repo::provenance::heads(pool).await? {
+    for (tenant, head_seq, head_chain) in repo::provenance::tenants(pool).await? {
         if only.is_some_and(|t| t != tenant) {
             continue;
         }
@@ -46,11 +48,12 @@ async fn verify_tenant(
                 return Ok(TenantChain {
                     tenant,
                     links: seq,
+                    pending: 0,
                     broken: Some((link.analysis_id, why)),
                 });
             }
-            seq = link.seq;
-            previous.clone_from(&link.chain_sha256);
+            seq += 1;
+            previous = link.chain_sha256.clone().unwrap_or_default();
             last = link.analysis_id;
         }
         if !full {
@@ -58,7 +61,7 @@ async fn verify_tenant(
         }
     }
     // The head was read first; links appended since are beyond it and checked next time.
-    let broken = (seq != head_seq || previous != head_chain).then(|| {
+    let mut broken = (seq != head_seq || previous != head_chain).then(|| {
         (
             last,
             format!(
@@ -66,9 +69,19 @@ async fn verify_tenant(
             ),
         )
     });
+    // Records the sealer has not linked yet: each must still describe what is stored.
+    let pending = repo::provenance::unsealed(pool, &tenant).await?;
+    if broken.is_none() {
+        broken = pending.iter().find_map(|link| {
+            provenance::check_record(&link.stored())
+                .err()
+                .map(|why| (link.analysis_id, format!("a record not yet sealed: {why}")))
+        });
+    }
     Ok(TenantChain {
         tenant,
         links: seq,
+        pending: pending.len(),
         broken,
     })
 }

@@ -116,6 +116,10 @@ pub struct Config {
     pub worker_max_attempts: u32,
     /// First retry delay; doubles per attempt (with jitter), capped at 5 minutes.
     pub worker_retry_base_ms: u64,
+    /// How often this process's provenance sealer links newly stored results' records into
+    /// their tenants' chains, in milliseconds (`serve` and `worker`); 0: this process does not
+    /// seal (another must).
+    pub provenance_seal_ms: u64,
     /// Deliver webhook events from this process (`serve` and `worker`).
     pub webhooks: bool,
     /// How long a webhook receiver may take to answer one delivery.
@@ -207,6 +211,7 @@ impl Default for Config {
             worker_max_attempts: 5,
             worker_retry_base_ms: 1000,
             max_wait_secs: 50,
+            provenance_seal_ms: 50,
             webhooks: true,
             webhook_timeout_secs: 10,
             webhook_max_attempts: 15,

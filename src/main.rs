@@ -228,7 +228,10 @@ async fn main() -> anyhow::Result<()> {
             let mut intact = true;
             for chain in report? {
                 match chain.broken {
-                    None => println!("{}: {} links intact", chain.tenant, chain.links),
+                    None => println!(
+                        "{}: {} links intact, {} records awaiting the sealer (each intact)",
+                        chain.tenant, chain.links, chain.pending
+                    ),
                     Some((analysis, why)) => {
                         intact = false;
                         println!(

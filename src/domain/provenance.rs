@@ -5,6 +5,10 @@
 //! whitespace, numbers as serde_json writes them. The chain digest of a result is
 //! `sha256(previous_chain_sha256 ++ record_sha256)` over the two hex strings; the first result of a
 //! tenant chains to [`GENESIS`].
+//!
+//! A record is written in the transaction that stores its result, and linked into the chain
+//! after commit by a sealer (`jobs::sealer`); until then it has no position and is checked alone
+//! ([`check_record`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -130,11 +134,12 @@ pub fn chain(previous: &str, record_sha256: &str) -> String {
 /// One stored link, with what is stored now for its analysis.
 #[derive(Debug)]
 pub struct StoredLink<'a> {
-    pub seq: i64,
+    /// Position, previous and chain digests: `None` until the sealer links the record.
+    pub seq: Option<i64>,
     pub record: &'a Value,
     pub record_sha256: &'a str,
-    pub previous_sha256: &'a str,
-    pub chain_sha256: &'a str,
+    pub previous_sha256: Option<&'a str>,
+    pub chain_sha256: Option<&'a str>,
     /// The analysis's input digest now; `None` when the analysis is gone.
     pub input_sha256: Option<&'a str>,
     /// The stored result now; `None` when it is gone.
@@ -145,22 +150,32 @@ pub struct StoredLink<'a> {
 /// digests are what they claim, and it follows `previous` at position `seq`. The reason names the
 /// first thing that does not hold.
 pub fn check(previous: &str, seq: i64, link: &StoredLink) -> Result<(), String> {
-    if link.seq != seq {
+    let Some(found) = link.seq else {
         return Err(format!(
-            "link {} found where link {seq} was expected: a link is missing",
-            link.seq
+            "a record not yet sealed found where link {seq} was expected"
+        ));
+    };
+    if found != seq {
+        return Err(format!(
+            "link {found} found where link {seq} was expected: a link is missing"
         ));
     }
-    if link.previous_sha256 != previous {
+    if link.previous_sha256 != Some(previous) {
         return Err("does not follow the link before it (previous digest differs)".into());
     }
+    if link.chain_sha256 != Some(chain(previous, link.record_sha256).as_str()) {
+        return Err("the chain digest was changed".into());
+    }
+    check_record(link)
+}
+
+/// Checks a record on its own, sealed into the chain or not yet: it still describes what is
+/// stored, and its digest is what it claims.
+pub fn check_record(link: &StoredLink) -> Result<(), String> {
     let record: ProvenanceRecord = serde_json::from_value(link.record.clone())
         .map_err(|e| format!("the stored record is not a provenance record: {e}"))?;
     if record.digest() != link.record_sha256 {
         return Err("the stored record was changed (its digest differs)".into());
-    }
-    if chain(previous, link.record_sha256) != link.chain_sha256 {
-        return Err("the chain digest was changed".into());
     }
     match link.input_sha256 {
         None => return Err("the analysis was deleted".into()),
@@ -277,12 +292,13 @@ mod tests {
         let stored = serde_json::to_value(&record).unwrap_or_default();
         let digest = record.digest();
         let result = json!({"b": 1, "a": [0.5, "x"]});
+        let chained = chain(GENESIS, &digest);
         let mut link = StoredLink {
-            seq: 1,
+            seq: Some(1),
             record: &stored,
             record_sha256: &digest,
-            previous_sha256: GENESIS,
-            chain_sha256: &chain(GENESIS, &digest),
+            previous_sha256: Some(GENESIS),
+            chain_sha256: Some(&chained),
             input_sha256: Some(&record.input_sha256),
             result: Some(&result),
         };
@@ -291,6 +307,14 @@ mod tests {
         let tampered = json!({"b": 1, "a": [0.6, "x"]});
         link.result = Some(&tampered);
         assert!(check(GENESIS, 1, &link).is_err_and(|e| e.contains("result was changed")));
+        assert!(check_record(&link).is_err_and(|e| e.contains("result was changed")));
+        // Not yet sealed: the record is checked alone, and it is no link of the chain.
+        link.result = Some(&result);
+        link.seq = None;
+        link.previous_sha256 = None;
+        link.chain_sha256 = None;
+        assert_eq!(check_record(&link), Ok(()));
+        assert!(check(GENESIS, 1, &link).is_err_and(|e| e.contains("not yet sealed")));
     }
 
     #[test]

@@ -3,5 +3,6 @@
 pub mod completions;
 pub mod intake;
 pub mod retry;
+pub mod sealer;
 pub mod webhooks;
 pub mod worker;

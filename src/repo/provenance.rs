@@ -3,7 +3,7 @@
 use crate::domain::provenance::{self, GENESIS, ProvenanceRecord};
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -16,9 +16,9 @@ pub struct Stored<'a> {
     pub execution_provider: &'a str,
 }
 
-/// Appends the records of results stored in this transaction to their tenants' chains. Each
-/// tenant's head row stays locked until commit; tenants are locked in name order, so two
-/// transactions never wait on each other in a cycle.
+/// Writes the records of results stored in this transaction, not yet linked: the sealer
+/// ([`seal`]) links them into their tenants' chains after commit. No chain head is locked here,
+/// so transactions that store results never wait for one another's commit.
 pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Result<()> {
     if stored.is_empty() {
         return Ok(());
@@ -36,64 +36,120 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
     .fetch_all(&mut *tx)
     .await?;
     let by_id: BTreeMap<Uuid, &Stored> = stored.iter().map(|s| (s.analysis_id, s)).collect();
-    let mut by_tenant: BTreeMap<String, Vec<ProvenanceRecord>> = BTreeMap::new();
+    let mut rows = Rows::default();
     for f in facts {
         let Some(s) = by_id.get(&f.id) else { continue };
-        by_tenant
-            .entry(f.tenant_id.clone())
-            .or_default()
-            .push(ProvenanceRecord {
-                analysis_id: f.id,
-                tenant: f.tenant_id,
-                input_sha256: f.input_sha256,
-                model_name: f.model_name,
-                model_version: f.model_version,
-                model_sha256: f.model_sha256,
-                manifest_sha256: f.manifest_sha256,
-                code_version: provenance::CODE_VERSION.to_owned(),
-                execution_provider: s.execution_provider.to_owned(),
-                result_sha256: s.result_sha256.clone(),
-            });
+        let record = ProvenanceRecord {
+            analysis_id: f.id,
+            tenant: f.tenant_id,
+            input_sha256: f.input_sha256,
+            model_name: f.model_name,
+            model_version: f.model_version,
+            model_sha256: f.model_sha256,
+            manifest_sha256: f.manifest_sha256,
+            code_version: provenance::CODE_VERSION.to_owned(),
+            execution_provider: s.execution_provider.to_owned(),
+            result_sha256: s.result_sha256.clone(),
+        };
+        rows.ids.push(record.analysis_id);
+        rows.digests.push(record.digest());
+        rows.tenants.push(record.tenant.clone());
+        rows.records
+            .push(serde_json::to_value(&record).unwrap_or(Value::Null));
     }
-    for (tenant, mut records) in by_tenant {
-        records.sort_by_key(|r| r.analysis_id);
-        let head = sqlx::query!(
+    let records: Vec<Json<&Value>> = rows.records.iter().map(Json).collect();
+    sqlx::query!(
+        "insert into provenance (analysis_id, tenant_id, record, record_sha256)
+         select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[])",
+        &rows.ids,
+        &rows.tenants,
+        &records as &[Json<&Value>],
+        &rows.digests,
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Links records not yet sealed into their tenants' chains, oldest first, at most `limit` per
+/// tenant, one transaction per tenant; returns how many it linked. A tenant whose chain head
+/// another sealer holds (another process) is left to that one. A tenant's chain follows the
+/// order in which its records were sealed, which is an order of commits: a record is sealed only
+/// once its transaction has committed.
+///
+/// With `wait`, a held head is waited for instead of skipped: every record committed before the
+/// call is sealed when it returns (for tests and shutdown).
+pub async fn seal(pool: &PgPool, limit: i64, wait: bool) -> sqlx::Result<u64> {
+    let tenants = sqlx::query_scalar!(
+        r#"select distinct tenant_id as "tenant_id!" from provenance where seq is null"#
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut sealed = 0;
+    for tenant in tenants {
+        let mut tx = pool.begin().await?;
+        sqlx::query!(
             "insert into provenance_heads (tenant_id, seq, chain_sha256) values ($1, 0, $2)
-             on conflict (tenant_id) do update set tenant_id = excluded.tenant_id
-             returning seq, chain_sha256",
+             on conflict (tenant_id) do nothing",
             tenant,
             GENESIS,
         )
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        let (mut seq, mut previous) = (head.seq, head.chain_sha256);
-        let mut rows = Rows::default();
-        for record in records {
-            seq += 1;
-            let digest = record.digest();
-            let chained = provenance::chain(&previous, &digest);
-            rows.ids.push(record.analysis_id);
-            rows.seqs.push(seq);
-            rows.records
-                .push(serde_json::to_value(&record).unwrap_or(Value::Null));
-            rows.digests.push(digest);
-            rows.previous
-                .push(std::mem::replace(&mut previous, chained.clone()));
-            rows.chained.push(chained);
-        }
-        let records: Vec<Json<&Value>> = rows.records.iter().map(Json).collect();
-        sqlx::query!(
-            "insert into provenance (analysis_id, tenant_id, seq, record, record_sha256, previous_sha256, chain_sha256)
-             select t.id, $1, t.seq, t.record, t.digest, t.previous, t.chained
-             from unnest($2::uuid[], $3::int8[], $4::jsonb[], $5::text[], $6::text[], $7::text[])
-                  as t(id, seq, record, digest, previous, chained)",
+        let head = if wait {
+            sqlx::query_as!(
+                Head,
+                "select seq, chain_sha256 from provenance_heads where tenant_id = $1 for update",
+                tenant,
+            )
+            .fetch_optional(&mut *tx)
+            .await?
+        } else {
+            sqlx::query_as!(
+                Head,
+                "select seq, chain_sha256 from provenance_heads where tenant_id = $1
+                 for update skip locked",
+                tenant,
+            )
+            .fetch_optional(&mut *tx)
+            .await?
+        };
+        let Some(head) = head else {
+            continue;
+        };
+        let pending = sqlx::query!(
+            "select analysis_id, record_sha256 from provenance
+             where tenant_id = $1 and seq is null
+             order by created_at, analysis_id
+             limit $2",
             tenant,
-            &rows.ids,
-            &rows.seqs,
-            &records as &[Json<&Value>],
-            &rows.digests,
-            &rows.previous,
-            &rows.chained,
+            limit,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if pending.is_empty() {
+            continue;
+        }
+        let (mut seq, mut previous) = (head.seq, head.chain_sha256);
+        let (mut ids, mut seqs, mut previouses, mut chained) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for record in pending {
+            seq += 1;
+            let link = provenance::chain(&previous, &record.record_sha256);
+            ids.push(record.analysis_id);
+            seqs.push(seq);
+            previouses.push(std::mem::replace(&mut previous, link.clone()));
+            chained.push(link);
+        }
+        sqlx::query!(
+            "update provenance p
+             set seq = t.seq, previous_sha256 = t.previous, chain_sha256 = t.chained
+             from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) as t(id, seq, previous, chained)
+             where p.analysis_id = t.id",
+            &ids,
+            &seqs,
+            &previouses,
+            &chained,
         )
         .execute(&mut *tx)
         .await?;
@@ -105,29 +161,37 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
         )
         .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
+        sealed += ids.len() as u64;
     }
-    Ok(())
+    Ok(sealed)
+}
+
+/// A tenant's chain head.
+#[derive(Debug)]
+struct Head {
+    seq: i64,
+    chain_sha256: String,
 }
 
 #[derive(Debug, Default)]
 struct Rows {
     ids: Vec<Uuid>,
-    seqs: Vec<i64>,
+    tenants: Vec<String>,
     records: Vec<Value>,
     digests: Vec<String>,
-    previous: Vec<String>,
-    chained: Vec<String>,
 }
 
 /// One link of a chain as stored, with what is stored now for the same analysis.
 #[derive(Debug)]
 pub struct Link {
     pub analysis_id: Uuid,
-    pub seq: i64,
+    /// `None` (with the two digests) until the sealer links the record.
+    pub seq: Option<i64>,
     pub record: Value,
     pub record_sha256: String,
-    pub previous_sha256: String,
-    pub chain_sha256: String,
+    pub previous_sha256: Option<String>,
+    pub chain_sha256: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// The analysis's stored input digest and result now (absent if deleted).
     pub input_sha256: Option<String>,
@@ -141,8 +205,8 @@ impl Link {
             seq: self.seq,
             record: &self.record,
             record_sha256: &self.record_sha256,
-            previous_sha256: &self.previous_sha256,
-            chain_sha256: &self.chain_sha256,
+            previous_sha256: self.previous_sha256.as_deref(),
+            chain_sha256: self.chain_sha256.as_deref(),
             input_sha256: self.input_sha256.as_deref(),
             result: self.result.as_ref(),
         }
@@ -198,16 +262,38 @@ pub async fn chain_page(
     .await
 }
 
-/// Every tenant with a chain, and its head.
-pub async fn heads(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64, String)>> {
-    Ok(
-        sqlx::query!(
-            "select tenant_id, seq, chain_sha256 from provenance_heads order by tenant_id"
-        )
-        .fetch_all(db)
-        .await?
-        .into_iter()
-        .map(|r| (r.tenant_id, r.seq, r.chain_sha256))
-        .collect(),
+/// A tenant's records not yet sealed, oldest first (checked alone by the audit).
+pub async fn unsealed(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<Link>> {
+    sqlx::query_as!(
+        Link,
+        r#"select p.analysis_id, p.seq, p.record, p.record_sha256, p.previous_sha256, p.chain_sha256,
+                  p.created_at, a.input_sha256 as "input_sha256?", r.result as "result?"
+           from provenance p
+           left join analyses a on a.id = p.analysis_id
+           left join results r on r.analysis_id = p.analysis_id
+           where p.tenant_id = $1 and p.seq is null
+           order by p.created_at, p.analysis_id"#,
+        tenant,
     )
+    .fetch_all(db)
+    .await
+}
+
+/// Every tenant with provenance records, and its chain's head (seq 0 and the genesis digest when
+/// none of its records is sealed yet).
+pub async fn tenants(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, i64, String)>> {
+    Ok(sqlx::query!(
+        r#"select t.tenant_id as "tenant_id!", coalesce(h.seq, 0) as "seq!",
+                  coalesce(h.chain_sha256, $1) as "chain_sha256!"
+           from (select tenant_id from provenance_heads
+                 union select distinct tenant_id from provenance where seq is null) t
+           left join provenance_heads h on h.tenant_id = t.tenant_id
+           order by t.tenant_id"#,
+        GENESIS,
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.tenant_id, r.seq, r.chain_sha256))
+    .collect())
 }

@@ -104,6 +104,8 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         worker: false,
         // Tests step webhook delivery themselves, to receivers on 127.0.0.1.
         webhooks: false,
+        // Tests step the provenance sealer themselves.
+        provenance_seal_ms: 0,
         webhook_allow_private_networks: true,
         // Tests send requests as fast as they can; the limit's own test sets one.
         rate_limit_per_second: 0,

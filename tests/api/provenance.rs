@@ -38,6 +38,13 @@ async fn submit_and_run(app: &TestApp, token: &str, rows: usize) -> Vec<String> 
     ids
 }
 
+/// Steps the sealer: links every committed record into its tenant's chain.
+async fn seal(app: &TestApp) -> u64 {
+    onkos::repo::provenance::seal(&app.pool, i64::MAX, true)
+        .await
+        .unwrap()
+}
+
 fn audit_verify(app: &TestApp) -> (bool, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_onkos"))
         .args(["audit", "verify"])
@@ -61,6 +68,24 @@ async fn every_result_has_a_record_chained_to_the_tenants_previous_result() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
     let ids = submit_and_run(&app, &token, 3).await;
+    // Stored with its result, each record waits for the sealer to link it into the chain.
+    let p = app
+        .get_json(&format!("/v1/analyses/{}/provenance", ids[0]), &token)
+        .await;
+    assert_eq!(
+        (&p["sealed"], &p["seq"], &p["chain_sha256"]),
+        (&json!(false), &Value::Null, &Value::Null),
+        "{p}"
+    );
+    assert_eq!(p["intact"], true, "{p}");
+    let (ok, output) = audit_verify(&app);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("oslo: 0 links intact, 3 records awaiting the sealer"),
+        "{output}"
+    );
+    assert_eq!(seal(&app).await, 3);
+    assert_eq!(seal(&app).await, 0, "a record is sealed once");
     let model = app.get_json(&format!("/v1/models/{MODEL}"), &token).await;
     let mut previous = "0".repeat(64);
     let mut seqs = Vec::new();
@@ -98,6 +123,7 @@ async fn every_result_has_a_record_chained_to_the_tenants_previous_result() {
             json!(sha256_hex(canonical(record).as_bytes()))
         );
         assert_eq!(p["intact"], true, "{p}");
+        assert_eq!(p["sealed"], true, "{p}");
         seqs.push(p["seq"].as_i64().unwrap());
         links.push(p);
     }
@@ -114,7 +140,45 @@ async fn every_result_has_a_record_chained_to_the_tenants_previous_result() {
     }
     let (ok, output) = audit_verify(&app);
     assert!(ok, "{output}");
-    assert!(output.contains("oslo: 3 links intact"), "{output}");
+    assert!(
+        output.contains("oslo: 3 links intact, 0 records"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
+async fn sealers_running_at_once_link_each_record_once_without_gaps() {
+    let app = TestApp::spawn().await;
+    let oslo = app.token("oslo", "submitter");
+    let bergen = app.token("bergen", "submitter");
+    submit_and_run(&app, &oslo, 6).await;
+    submit_and_run(&app, &bergen, 2).await;
+    // Two sealers that skip a held chain head and one that waits for it, as several processes
+    // sealing the same database; then a pass that must find nothing left.
+    let pool = &app.pool;
+    let (a, b, c) = tokio::join!(
+        onkos::repo::provenance::seal(pool, 2, false),
+        onkos::repo::provenance::seal(pool, 3, false),
+        onkos::repo::provenance::seal(pool, i64::MAX, true),
+    );
+    assert!(a.unwrap() + b.unwrap() + c.unwrap() <= 8);
+    seal(&app).await;
+    assert_eq!(seal(&app).await, 0);
+    for (tenant, n) in [("oslo", 6_i64), ("bergen", 2)] {
+        let seqs: Vec<i64> =
+            sqlx::query_scalar("select seq from provenance where tenant_id = $1 order by seq")
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{tenant}");
+    }
+    let (ok, output) = audit_verify(&app);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("oslo: 6 links intact, 0 records"),
+        "{output}"
+    );
 }
 
 #[tokio::test]
@@ -123,6 +187,7 @@ async fn a_changed_result_breaks_its_link_and_audit_verify_names_it() {
     let token = app.token("oslo", "submitter");
     let ids = submit_and_run(&app, &token, 3).await;
     let victim = &ids[1];
+    seal(&app).await;
     sqlx::query(
         "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
     )
@@ -150,10 +215,49 @@ async fn a_changed_result_breaks_its_link_and_audit_verify_names_it() {
 }
 
 #[tokio::test]
+async fn a_result_changed_before_its_record_is_sealed_is_named_too() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let ids = submit_and_run(&app, &token, 2).await;
+    let victim = &ids[0];
+    sqlx::query(
+        "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
+    )
+    .bind(victim)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let p = app
+        .get_json(&format!("/v1/analyses/{victim}/provenance"), &token)
+        .await;
+    assert_eq!(
+        (&p["sealed"], &p["intact"]),
+        (&json!(false), &json!(false)),
+        "{p}"
+    );
+    let (ok, output) = audit_verify(&app);
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains(&format!("BROKEN at analysis {victim}"))
+            && output.contains("not yet sealed"),
+        "{output}"
+    );
+    // Sealing links what was recorded, so the change stays visible.
+    seal(&app).await;
+    let (ok, output) = audit_verify(&app);
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains(&format!("BROKEN at analysis {victim}")),
+        "{output}"
+    );
+}
+
+#[tokio::test]
 async fn a_removed_link_breaks_the_chain() {
     let app = TestApp::spawn().await;
     let token = app.token("oslo", "submitter");
     let ids = submit_and_run(&app, &token, 3).await;
+    seal(&app).await;
     let last: String = sqlx::query_scalar(
         "select analysis_id::text from provenance where tenant_id = 'oslo' order by seq desc limit 1",
     )
@@ -196,6 +300,7 @@ async fn inline_and_queued_results_share_one_chain_per_tenant() {
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_eq!(done["timings"]["dispatch"], "queue");
     }
+    seal(&app).await;
     let seq = |p: &Value| p["seq"].as_i64().unwrap();
     let first = app
         .get_json(
@@ -221,8 +326,14 @@ async fn inline_and_queued_results_share_one_chain_per_tenant() {
     .await;
     let (ok, output) = audit_verify(&app);
     assert!(ok, "{output}");
-    assert!(output.contains("bergen: 1 links intact"), "{output}");
-    assert!(output.contains("oslo: 2 links intact"), "{output}");
+    assert!(
+        output.contains("bergen: 1 links intact, 0 records"),
+        "{output}"
+    );
+    assert!(
+        output.contains("oslo: 2 links intact, 0 records"),
+        "{output}"
+    );
 }
 
 #[tokio::test]

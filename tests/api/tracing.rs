@@ -13,17 +13,14 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 async fn json_log_lines_carry_the_request_id_and_trace_id() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let app = TestApp::spawn().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_onkos"))
         .arg("api")
         .env("DATABASE_URL", &app.database_url)
         .env("ONKOS_DATA_DIR", &app.config.data_dir)
         .env("ONKOS_MODELS_DIR", &app.config.models_dir)
-        .env("ONKOS_LISTEN", format!("127.0.0.1:{port}"))
+        // Port 0: the process says which port it got (a port picked here and released could be
+        // taken by another test's server before the child binds it).
+        .env("ONKOS_LISTEN", "127.0.0.1:0")
         .env("ONKOS_EXECUTION_PROVIDER", "cpu")
         .env("ONKOS_WEBHOOKS", "false")
         .env("ONKOS_LOG_FORMAT", "json")
@@ -36,14 +33,21 @@ async fn json_log_lines_carry_the_request_id_and_trace_id() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Ready when it says it listens (no polling).
     let mut seen = Vec::new();
+    let mut addr = None;
     while let Some(line) = lines.next_line().await.unwrap() {
-        let listening = line.contains("\"listening\"");
-        seen.push(line);
-        if listening {
+        if line.contains("\"listening\"") {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            addr = event["fields"]["addr"]
+                .as_str()
+                .or(event["addr"].as_str())
+                .map(str::to_owned);
+            seen.push(line);
             break;
         }
+        seen.push(line);
     }
-    let base = format!("http://127.0.0.1:{port}");
+    let addr = addr.unwrap_or_else(|| panic!("no listening line with its address: {seen:#?}"));
+    let base = format!("http://{addr}");
     let token = app.token("oslo", "submitter");
     let submitted: Value = app
         .client

@@ -57,11 +57,13 @@ for round in $(seq "$ROUNDS"); do
 done
 
 statuses=$("${PSQL[@]}" -c "select status || '=' || count(*) from analyses group by status order by 1" | tr '\n' ' ')
+provenance=$("${PSQL[@]}" -c "select count(*) || ' records, ' || count(*) filter (where seq is null) || ' not yet sealed' from provenance")
 onkos=$(median < "$DATA/onkos"); pg=$(median < "$DATA/pg"); ort=$(median < "$DATA/ort")
 echo
 echo "mode: ONKOS_WORKER_INLINE=${ONKOS_WORKER_INLINE:-true} (true: waiting cases run inline; false: every case through the queue and the worker)"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr); clients=$CLIENTS, ${DURATION}s x $ROUNDS rounds"
 echo "analyses by status: $statuses"
+echo "provenance, a few seconds after the last round: $provenance"
 echo "onkos analyses completed/s (median): $onkos   p50 $(median < "$DATA/p50") ms   p99 $(median < "$DATA/p99") ms"
 echo "pgbench single-row insert tps (median): $pg"
 echo "ONNX Runtime in-process rows/s, batch 64 (median): $ort"

@@ -172,7 +172,11 @@ async fn workers_killed_mid_work_lose_no_analysis_and_store_none_twice() {
     eprintln!(
         "{kills} workers killed; {retried} jobs ran more than once before their result was stored"
     );
-    // One provenance link per result: a killed batch left none behind.
+    // One provenance link per result: a killed batch left none behind. The workers' sealers may
+    // not have linked the last ones yet: this sealer waits for any of theirs, then links the rest.
+    onkos::repo::provenance::seal(&app.pool, i64::MAX, true)
+        .await
+        .unwrap();
     assert_eq!(
         count(&app.pool, "select count(*) from provenance").await,
         N as i64

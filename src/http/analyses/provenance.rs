@@ -16,12 +16,16 @@ pub struct Provenance {
     pub record: ProvenanceRecord,
     /// sha256 of the record's canonical JSON (sorted keys, no whitespace).
     pub record_sha256: String,
+    /// Whether the record is linked into the tenant's chain yet. Records are written with their
+    /// result and linked after commit by a sealer, normally within a fraction of a second; until
+    /// then `seq`, `previous_sha256` and `chain_sha256` are null.
+    pub sealed: bool,
     /// Position in the tenant's chain, from 1.
-    pub seq: i64,
+    pub seq: Option<i64>,
     /// The chain digest of the tenant's result before this one (64 zeros for the first).
-    pub previous_sha256: String,
+    pub previous_sha256: Option<String>,
     /// sha256 of `previous_sha256 ++ record_sha256` (the hex strings).
-    pub chain_sha256: String,
+    pub chain_sha256: Option<String>,
     pub recorded_at: DateTime<Utc>,
     /// True when the record's digests hold and the stored input digest and result still match
     /// it. The whole chain is checked by `onkos audit verify`.
@@ -56,10 +60,14 @@ pub async fn get(
         .ok_or(ApiError::NotFound)?;
     let record: ProvenanceRecord = serde_json::from_value(link.record.clone())
         .map_err(|e| anyhow::anyhow!("stored provenance record of {id}: {e}"))?;
-    let checked = provenance::check(&link.previous_sha256, link.seq, &link.stored());
+    let checked = match (link.seq, link.previous_sha256.as_deref()) {
+        (Some(seq), Some(previous)) => provenance::check(previous, seq, &link.stored()),
+        _ => provenance::check_record(&link.stored()),
+    };
     Ok(Json(Provenance {
         record,
         record_sha256: link.record_sha256,
+        sealed: link.seq.is_some(),
         seq: link.seq,
         previous_sha256: link.previous_sha256,
         chain_sha256: link.chain_sha256,
