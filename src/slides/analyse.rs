@@ -224,6 +224,16 @@ pub fn analyse(
                         return;
                     }
                 };
+                let corners: Vec<(u32, u32)> = batch
+                    .iter()
+                    .map(|&(c, r)| {
+                        (
+                            (f64::from(c) * tile0 / ds).round() as u32,
+                            (f64::from(r) * tile0 / ds).round() as u32,
+                        )
+                    })
+                    .collect();
+                slide.prefetch(level, &corners, read_size);
                 let decoded: Result<(), Stopped> = pixels
                     .par_chunks_mut(tile_len)
                     .zip(batch.par_iter())

@@ -356,6 +356,37 @@ impl TiledSlide {
         Ok(decoded)
     }
 
+    /// The file tiles (column, row) that square regions of `side` pixels at `corners` on
+    /// `level` cover, each once.
+    pub fn tiles_covering(
+        &self,
+        level: usize,
+        corners: &[(u32, u32)],
+        side: u32,
+    ) -> Vec<(u32, u32)> {
+        let Some(l) = self.levels.get(level) else {
+            return Vec::new();
+        };
+        let mut tiles: Vec<(u32, u32)> = corners
+            .iter()
+            .filter(|&&(x, y)| x < l.width && y < l.height && side > 0)
+            .flat_map(|&(x, y)| {
+                let (x_end, y_end) = ((x + side).min(l.width), (y + side).min(l.height));
+                (y / l.tile_height..=(y_end - 1) / l.tile_height).flat_map(move |row| {
+                    (x / l.tile_width..=(x_end - 1) / l.tile_width).map(move |col| (col, row))
+                })
+            })
+            .collect();
+        tiles.sort_unstable();
+        tiles.dedup();
+        tiles
+    }
+
+    /// Decodes a file tile into the cache unless it is there (errors are left for `region`).
+    pub fn warm(&self, level: usize, col: u32, row: u32) {
+        let _ = self.cached_tile(level, col, row);
+    }
+
     /// A region of a level, in that level's pixels, composed from its tiles. What lies outside
     /// the level is white (background).
     pub fn region(

@@ -128,6 +128,17 @@ impl Slide {
         }
     }
 
+    /// Decodes the file tiles that square regions of `side` pixels at `corners` cover, in
+    /// parallel, ahead of reading the regions (the fast path; OpenSlide reads regions whole).
+    pub fn prefetch(&self, level: usize, corners: &[(u32, u32)], side: u32) {
+        use rayon::prelude::*;
+        if let Source::Tiff(t) = &self.source {
+            t.tiles_covering(level, corners, side)
+                .par_iter()
+                .for_each(|&(col, row)| t.warm(level, col, row));
+        }
+    }
+
     /// Keeps decoded tiles for about `rows` rows of regions `side` pixels high on `level`, so
     /// neighbouring regions decode each file tile once.
     pub fn keep_rows(&self, level: usize, rows: u32) {
