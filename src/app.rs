@@ -164,8 +164,11 @@ impl Application {
             .config
             .webhooks
             .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
-        let sealer = sealer(&self.state, &shutdown);
+        // The sealer stops after the worker's last batch is stored, and seals it.
+        let sealing = CancellationToken::new();
+        let sealer = sealer(&self.state, &sealing);
         self.worker.clone().run(shutdown, poll).await;
+        sealing.cancel();
         if let Some(deliverer) = deliverer {
             deliverer.await?;
         }
@@ -206,7 +209,8 @@ impl Application {
             .config
             .webhooks
             .then(|| tokio::spawn(self.deliverer.clone().run(shutdown.clone())));
-        let sealer = sealer(&self.state, &shutdown);
+        let sealing = CancellationToken::new();
+        let sealer = sealer(&self.state, &sealing);
         let forgetting = self.state.limiter.is_some().then(|| {
             let (state, stop) = (self.state.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -228,6 +232,9 @@ impl Application {
         if let Some(worker) = worker {
             worker.await?;
         }
+        // Requests have been answered and the worker's last batch stored: the sealer stops now,
+        // sealing them.
+        sealing.cancel();
         if let Some(deliverer) = deliverer {
             deliverer.await?;
         }

@@ -137,6 +137,9 @@ pub struct OnnxModel {
     outputs: OnnxOutputs,
     width: usize,
     pub provider: Provider,
+    /// The CUDA session's pinned (page-locked) host allocator, for tile batches; made at load so
+    /// that allocating a batch never waits for a running inference.
+    pinned: Option<Mutex<ort::memory::Allocator>>,
 }
 
 impl OnnxModel {
@@ -193,7 +196,12 @@ impl OnnxModel {
                 "the graph has no output {wanted:?} (it has {outputs:?})"
             );
         }
+        let pinned = (provider == CUDA)
+            .then(|| pinned_allocator(&session, options.cuda.device_id))
+            .flatten()
+            .map(Mutex::new);
         Ok(Self {
+            pinned,
             session: Mutex::new(session),
             input: spec.input.clone(),
             input_type: spec.input_type,
@@ -271,23 +279,15 @@ impl OnnxModel {
     /// host memory from the session's pinned allocator, which the GPU reads by DMA instead of
     /// through a staging copy (BENCHMARKS.md, GPU); otherwise ordinary memory.
     pub fn tile_batch(&self, capacity: usize, size: usize) -> TileBatch {
-        if self.provider == CUDA
-            && let Ok(session) = self.session.lock()
+        if let Some(allocator) = &self.pinned
+            && let Ok(allocator) = allocator.lock()
         {
-            use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-            let pinned = MemoryInfo::new(
-                AllocationDevice::CUDA_PINNED,
-                0,
-                AllocatorType::Device,
-                MemoryType::CPUInput,
-            )
-            .and_then(|info| Allocator::new(&session, info))
-            .and_then(|allocator| {
-                ort::value::Tensor::<f32>::new(&allocator, [capacity.max(1), 3, size, size])
-            });
-            match pinned {
+            match ort::value::Tensor::<f32>::new(&allocator, [capacity.max(1), 3, size, size]) {
+                // Zeroed by ort (the memory is host-accessible), so unused rows are defined.
                 Ok(tensor) => return TileBatch::Fixed(tensor),
-                Err(e) => tracing::debug!(error = %e, "no pinned memory for tile batches"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no pinned memory for a tile batch; using ordinary memory")
+                }
             }
         }
         TileBatch::Host(Vec::new())
@@ -383,6 +383,29 @@ impl OnnxModel {
             .map(|s| s.outputs().iter().map(|o| o.name().to_owned()).collect())
             .unwrap_or_default()
     }
+}
+
+/// A CUDA session's pinned host allocator. ONNX Runtime registers it under the session's device
+/// or under device 0, depending on its version: both are tried. Without one, tile batches use
+/// ordinary memory (slower copies), which is said once as a warning.
+fn pinned_allocator(session: &Session, device: i32) -> Option<ort::memory::Allocator> {
+    use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+    let mut last = None;
+    for id in [device, 0] {
+        match MemoryInfo::new(
+            AllocationDevice::CUDA_PINNED,
+            id,
+            AllocatorType::Device,
+            MemoryType::CPUInput,
+        )
+        .and_then(|info| Allocator::new(session, info))
+        {
+            Ok(allocator) => return Some(allocator),
+            Err(e) => last = Some(e),
+        }
+    }
+    tracing::warn!(error = ?last, "the CUDA session has no pinned allocator: tile batches use ordinary memory");
+    None
 }
 
 /// A batch of tiles on its way to [`OnnxModel::predict_batch`].

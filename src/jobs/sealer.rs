@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 const BATCH: i64 = 5000;
 
 /// Seals every `every` (at once again while a pass found a full batch) until `shutdown`, then
-/// once more, so that a process stopped cleanly leaves nothing of its own unsealed.
+/// once more. The caller cancels `shutdown` after the process's last results are stored, so a
+/// process stopped cleanly leaves nothing of its own unsealed.
 pub async fn run(pool: PgPool, every: Duration, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let pause = match repo::provenance::seal(&pool, BATCH, false).await {

@@ -81,13 +81,40 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
 /// call is sealed when it returns (for tests and shutdown).
 pub async fn seal(pool: &PgPool, limit: i64, wait: bool) -> sqlx::Result<u64> {
     let tenants = sqlx::query_scalar!(
-        r#"select distinct tenant_id as "tenant_id!" from provenance where seq is null"#
+        r#"select distinct tenant_id as "tenant_id!" from provenance where seq is null
+           order by 1"#
     )
     .fetch_all(pool)
     .await?;
-    let mut sealed = 0;
+    // One tenant's failure does not keep the others unsealed: each is tried, the first error is
+    // returned after.
+    let (mut sealed, mut failed) = (0, None);
     for tenant in tenants {
-        let mut tx = pool.begin().await?;
+        match seal_tenant(pool, &tenant, limit, wait).await {
+            Ok(n) => sealed += n,
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "sealing a tenant's provenance records failed");
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    failed.map_or(Ok(sealed), Err)
+}
+
+async fn seal_tenant(pool: &PgPool, tenant: &str, limit: i64, wait: bool) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let mut head = lock_head(&mut tx, tenant, wait).await?;
+    if head.is_none() {
+        // No head row, or another sealer holds it (a plain read does not wait for its lock).
+        let exists = sqlx::query_scalar!(
+            r#"select exists (select 1 from provenance_heads where tenant_id = $1) as "exists!""#,
+            tenant,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if exists && !wait {
+            return Ok(0);
+        }
         sqlx::query!(
             "insert into provenance_heads (tenant_id, seq, chain_sha256) values ($1, 0, $2)
              on conflict (tenant_id) do nothing",
@@ -96,75 +123,85 @@ pub async fn seal(pool: &PgPool, limit: i64, wait: bool) -> sqlx::Result<u64> {
         )
         .execute(&mut *tx)
         .await?;
-        let head = if wait {
-            sqlx::query_as!(
-                Head,
-                "select seq, chain_sha256 from provenance_heads where tenant_id = $1 for update",
-                tenant,
-            )
-            .fetch_optional(&mut *tx)
-            .await?
-        } else {
-            sqlx::query_as!(
-                Head,
-                "select seq, chain_sha256 from provenance_heads where tenant_id = $1
-                 for update skip locked",
-                tenant,
-            )
-            .fetch_optional(&mut *tx)
-            .await?
-        };
-        let Some(head) = head else {
-            continue;
-        };
-        let pending = sqlx::query!(
-            "select analysis_id, record_sha256 from provenance
-             where tenant_id = $1 and seq is null
-             order by created_at, analysis_id
-             limit $2",
-            tenant,
-            limit,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        if pending.is_empty() {
-            continue;
-        }
-        let (mut seq, mut previous) = (head.seq, head.chain_sha256);
-        let (mut ids, mut seqs, mut previouses, mut chained) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for record in pending {
-            seq += 1;
-            let link = provenance::chain(&previous, &record.record_sha256);
-            ids.push(record.analysis_id);
-            seqs.push(seq);
-            previouses.push(std::mem::replace(&mut previous, link.clone()));
-            chained.push(link);
-        }
-        sqlx::query!(
-            "update provenance p
-             set seq = t.seq, previous_sha256 = t.previous, chain_sha256 = t.chained
-             from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) as t(id, seq, previous, chained)
-             where p.analysis_id = t.id",
-            &ids,
-            &seqs,
-            &previouses,
-            &chained,
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!(
-            "update provenance_heads set seq = $2, chain_sha256 = $3 where tenant_id = $1",
-            tenant,
-            seq,
-            previous,
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        sealed += ids.len() as u64;
+        head = lock_head(&mut tx, tenant, wait).await?;
     }
-    Ok(sealed)
+    let Some(head) = head else {
+        return Ok(0);
+    };
+    let pending = sqlx::query!(
+        "select analysis_id, record_sha256 from provenance
+         where tenant_id = $1 and seq is null
+         order by created_at, analysis_id
+         limit $2",
+        tenant,
+        limit,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let (mut seq, mut previous) = (head.seq, head.chain_sha256);
+    let (mut ids, mut seqs, mut previouses, mut chained) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for record in pending {
+        seq += 1;
+        let link = provenance::chain(&previous, &record.record_sha256);
+        ids.push(record.analysis_id);
+        seqs.push(seq);
+        previouses.push(std::mem::replace(&mut previous, link.clone()));
+        chained.push(link);
+    }
+    let updated = sqlx::query!(
+        "update provenance p
+         set seq = t.seq, previous_sha256 = t.previous, chain_sha256 = t.chained
+         from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[]) as t(id, seq, previous, chained)
+         where p.analysis_id = t.id and p.seq is null",
+        &ids,
+        &seqs,
+        &previouses,
+        &chained,
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated != ids.len() as u64 {
+        // A record went (its analysis deleted) between the read and the update: linking the
+        // others would leave a gap. Rolled back; the next pass reads them again.
+        return Ok(0);
+    }
+    sqlx::query!(
+        "update provenance_heads set seq = $2, chain_sha256 = $3 where tenant_id = $1",
+        tenant,
+        seq,
+        previous,
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// The tenant's chain head, locked: waiting for another sealer, or `None` when one holds it.
+async fn lock_head(tx: &mut PgConnection, tenant: &str, wait: bool) -> sqlx::Result<Option<Head>> {
+    if wait {
+        sqlx::query_as!(
+            Head,
+            "select seq, chain_sha256 from provenance_heads where tenant_id = $1 for update",
+            tenant,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+    } else {
+        sqlx::query_as!(
+            Head,
+            "select seq, chain_sha256 from provenance_heads where tenant_id = $1
+             for update skip locked",
+            tenant,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+    }
 }
 
 /// A tenant's chain head.

@@ -214,9 +214,10 @@ pub fn analyse(
         scope.spawn(move || {
             for batch in batches {
                 let started = Instant::now();
-                let mut buffer = recycled
-                    .try_recv()
-                    .unwrap_or_else(|_| plan.onnx.tile_batch(plan.batch.max(1), size));
+                let mut buffer = recycled.try_recv().unwrap_or_else(|_| {
+                    plan.onnx
+                        .tile_batch(plan.batch.max(1).min(total.max(1)), size)
+                });
                 let pixels = match buffer.pixels_mut(batch.len(), tile_len) {
                     Ok(pixels) => pixels,
                     Err(e) => {

@@ -382,6 +382,16 @@ impl TiledSlide {
         tiles
     }
 
+    /// Grows the tile cache to at least `tiles` (never shrinks it).
+    pub fn reserve_tiles(&self, tiles: usize) {
+        if let Ok(mut cache) = self.cache.lock()
+            && let Some(n) = NonZeroUsize::new(tiles)
+            && n > cache.cap()
+        {
+            cache.resize(n);
+        }
+    }
+
     /// Decodes a file tile into the cache unless it is there (errors are left for `region`).
     pub fn warm(&self, level: usize, col: u32, row: u32) {
         let _ = self.cached_tile(level, col, row);

@@ -133,7 +133,11 @@ impl Slide {
     pub fn prefetch(&self, level: usize, corners: &[(u32, u32)], side: u32) {
         use rayon::prelude::*;
         if let Source::Tiff(t) = &self.source {
-            t.tiles_covering(level, corners, side)
+            let tiles = t.tiles_covering(level, corners, side);
+            // Room for this batch's tiles and the next one's: none is evicted before its regions
+            // are composed.
+            t.reserve_tiles(2 * tiles.len());
+            tiles
                 .par_iter()
                 .for_each(|&(col, row)| t.warm(level, col, row));
         }

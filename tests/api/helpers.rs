@@ -127,6 +127,8 @@ pub struct TestApp {
     /// The test database, as another process would reach it.
     pub database_url: String,
     shutdown: CancellationToken,
+    /// The running application (`Application::run`), until `stop_and_wait` takes it.
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _data_dir: tempfile::TempDir,
 }
 
@@ -148,7 +150,7 @@ impl TestApp {
         let deliverer = app.deliverer();
         let keys = DevKeys::load_or_create(&config.keys_dir()).unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(app.run(shutdown.clone()));
+        let server = Some(tokio::spawn(app.run(shutdown.clone())));
         Self {
             base,
             client: reqwest::Client::builder()
@@ -162,6 +164,7 @@ impl TestApp {
             config,
             database_url,
             shutdown,
+            server,
             _data_dir: data_dir,
         }
     }
@@ -287,6 +290,14 @@ impl TestApp {
     /// Begins the server's shutdown, as SIGTERM would.
     pub fn stop(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Shuts the application down, as SIGTERM would, and waits until `run` has returned.
+    pub async fn stop_and_wait(&mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
     }
 
     pub async fn step(&self) -> usize {

@@ -147,6 +147,30 @@ async fn every_result_has_a_record_chained_to_the_tenants_previous_result() {
 }
 
 #[tokio::test]
+async fn a_clean_shutdown_seals_the_records_of_the_last_results() {
+    // A sealer that, once started, would not pass again for an hour: only its pass at shutdown
+    // can seal what is stored meanwhile.
+    let mut app = TestApp::spawn_with(|c| c.provenance_seal_ms = 3_600_000).await;
+    let token = app.token("oslo", "submitter");
+    submit_and_run(&app, &token, 3).await;
+    let unsealed = "select count(*) from provenance where seq is null";
+    let pool = app.pool.clone();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count(unsealed).await, 3);
+    app.stop_and_wait().await;
+    assert_eq!(count(unsealed).await, 0);
+    assert_eq!(count("select max(seq) from provenance").await, 3);
+}
+
+#[tokio::test]
 async fn sealers_running_at_once_link_each_record_once_without_gaps() {
     let app = TestApp::spawn().await;
     let oslo = app.token("oslo", "submitter");
