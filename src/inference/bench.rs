@@ -16,10 +16,7 @@ pub fn bundled_throughput(
     duration: Duration,
 ) -> anyhow::Result<f64> {
     let folder = config.models_dir.join(model);
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(folder.join("manifest.json")).context("manifest.json")?,
-    )?;
-    let bytes = std::fs::read(folder.join(&manifest.onnx.file))?;
+    let (manifest, bytes) = read_model(config, model)?;
     let options = SessionOptions::from_config(config)?;
     let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.encoding.len(), &options)?;
     let references: Vec<Value> =
@@ -48,7 +45,7 @@ pub fn bundled_throughput(
 }
 
 /// A model folder's manifest and ONNX bytes.
-fn read_model(config: &Config, model: &str) -> anyhow::Result<(Manifest, Vec<u8>)> {
+pub(crate) fn read_model(config: &Config, model: &str) -> anyhow::Result<(Manifest, Vec<u8>)> {
     let folder = config.models_dir.join(model);
     let manifest: Manifest = serde_json::from_slice(
         &std::fs::read(folder.join("manifest.json"))

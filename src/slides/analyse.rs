@@ -225,6 +225,7 @@ pub fn analyse(
                         return;
                     }
                 };
+                // Each tile's region on the read level; their file tiles are decoded first.
                 let corners: Vec<(u32, u32)> = batch
                     .iter()
                     .map(|&(c, r)| {
@@ -237,10 +238,8 @@ pub fn analyse(
                 slide.prefetch(level, &corners, read_size);
                 let decoded: Result<(), Stopped> = pixels
                     .par_chunks_mut(tile_len)
-                    .zip(batch.par_iter())
-                    .try_for_each(|(out, &(c, r))| {
-                        let x = (f64::from(c) * tile0 / ds).round() as u32;
-                        let y = (f64::from(r) * tile0 / ds).round() as u32;
+                    .zip(corners.par_iter())
+                    .try_for_each(|(out, &(x, y))| {
                         let rgb = slide.region(level, x, y, read_size, read_size)?;
                         let mut tile = resized(rgb, spec.tile_size);
                         if let Some(n) = normaliser {

@@ -4,7 +4,6 @@
 use super::analyse::{Plan, analyse};
 use super::read::TiledSlide;
 use crate::config::Config;
-use crate::domain::contract::Manifest;
 use crate::inference::{OnnxModel, SessionOptions};
 use anyhow::Context;
 use rayon::prelude::*;
@@ -13,22 +12,14 @@ use std::time::Instant;
 
 /// One line of `key=value` results.
 pub fn run(config: &Config, slide: &Path, model: &str, batch: usize) -> anyhow::Result<String> {
-    let folder = config.models_dir.join(model);
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(folder.join("manifest.json")).context("manifest.json")?,
-    )?;
+    let (manifest, bytes) = crate::inference::bench::read_model(config, model)?;
     let spec = manifest
         .slide
         .as_ref()
         .with_context(|| format!("{model} is not a slide model"))?;
     let mut options = SessionOptions::from_config(config)?;
     options.threads = config.slide_inference_threads;
-    let onnx = OnnxModel::load(
-        &std::fs::read(folder.join(&manifest.onnx.file))?,
-        &manifest.onnx,
-        0,
-        &options,
-    )?;
+    let onnx = OnnxModel::load(&bytes, &manifest.onnx, 0, &options)?;
     let info = super::inspect(std::io::BufReader::new(std::fs::File::open(slide)?))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mpp = info
