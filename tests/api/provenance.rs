@@ -45,6 +45,17 @@ async fn seal(app: &TestApp) -> u64 {
         .unwrap()
 }
 
+/// Changes a stored result behind the service's back, as a tamperer with database access would.
+async fn flip_decision(app: &TestApp, analysis: &str) {
+    sqlx::query(
+        "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
+    )
+    .bind(analysis)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
 fn audit_verify(app: &TestApp) -> (bool, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_onkos"))
         .args(["audit", "verify"])
@@ -212,13 +223,7 @@ async fn a_changed_result_breaks_its_link_and_audit_verify_names_it() {
     let ids = submit_and_run(&app, &token, 3).await;
     let victim = &ids[1];
     seal(&app).await;
-    sqlx::query(
-        "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
-    )
-    .bind(victim)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    flip_decision(&app, victim).await;
     let p = app
         .get_json(&format!("/v1/analyses/{victim}/provenance"), &token)
         .await;
@@ -244,13 +249,7 @@ async fn a_result_changed_before_its_record_is_sealed_is_named_too() {
     let token = app.token("oslo", "submitter");
     let ids = submit_and_run(&app, &token, 2).await;
     let victim = &ids[0];
-    sqlx::query(
-        "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
-    )
-    .bind(victim)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    flip_decision(&app, victim).await;
     let p = app
         .get_json(&format!("/v1/analyses/{victim}/provenance"), &token)
         .await;
