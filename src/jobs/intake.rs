@@ -104,7 +104,7 @@ fn reply_all(group: &mut Vec<Entry>, outcome: &Result<(), IntakeError>) {
 async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
     let rows: Vec<(&Submission, &[NewAnalysis])> =
         group.iter().map(|(s, a, _)| (s, a.as_slice())).collect();
-    let mut tx = pool.begin().await?;
-    repo::analyses::insert_with_jobs(&mut tx, &rows).await?;
-    tx.commit().await
+    // One statement, so no transaction block: the statement commits alone.
+    let mut db = pool.acquire().await?;
+    repo::analyses::insert_with_jobs(&mut db, &rows).await
 }

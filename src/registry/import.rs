@@ -71,7 +71,9 @@ async fn import_one(registry: &Registry, folder: &Path) -> anyhow::Result<()> {
         "bundled",
         None,
     );
-    let model = registry.build(manifest, onnx.clone().into()).await?;
+    let mut model = registry
+        .build(manifest, row.manifest_sha256.clone(), onnx.clone().into())
+        .await?;
     registry.blobs.put(&row.blob_key, onnx.into()).await?;
     let mut tx = registry.pool.begin().await?;
     // A concurrent start-up may have imported it first; either way it is there and active once.
@@ -86,12 +88,15 @@ async fn import_one(registry: &Registry, folder: &Path) -> anyhow::Result<()> {
         // Another node imported this version first: its bytes must be ours, or analyses would
         // record one sha256 while this node runs another file.
         let theirs = repo::models::find(&mut *tx, &row.name, &row.version).await?;
-        anyhow::ensure!(
-            theirs.is_some_and(|t| t.onnx_sha256 == row.onnx_sha256),
-            "{} {} was imported concurrently with different bytes: give a changed model a new version",
-            row.name,
-            row.version
-        );
+        let Some(theirs) = theirs.filter(|t| t.onnx_sha256 == row.onnx_sha256) else {
+            anyhow::bail!(
+                "{} {} was imported concurrently with different bytes: give a changed model a new version",
+                row.name,
+                row.version
+            );
+        };
+        // Provenance names the manifest as stored, which is theirs.
+        model.manifest_sha256 = theirs.manifest_sha256;
     }
     tx.commit().await?;
     registry.remember(&row.name, &row.version, std::sync::Arc::new(model));

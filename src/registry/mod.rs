@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct LoadedModel {
     pub manifest: Manifest,
+    /// sha256 of the manifest as registered (what provenance records name).
+    pub manifest_sha256: String,
     pub onnx: OnnxModel,
 }
 
@@ -185,12 +187,17 @@ impl Registry {
             row.onnx_sha256
         );
         let manifest: Manifest = serde_json::from_value(row.manifest).context("stored manifest")?;
-        let model = Arc::new(self.build(manifest, bytes).await?);
+        let model = Arc::new(self.build(manifest, row.manifest_sha256, bytes).await?);
         Ok(self.remember(&row.name, &row.version, model))
     }
 
     /// Checks a manifest against its ONNX bytes and builds the session (on the blocking pool).
-    async fn build(&self, manifest: Manifest, bytes: bytes::Bytes) -> anyhow::Result<LoadedModel> {
+    async fn build(
+        &self,
+        manifest: Manifest,
+        manifest_sha256: String,
+        bytes: bytes::Bytes,
+    ) -> anyhow::Result<LoadedModel> {
         manifest
             .check()
             .map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
@@ -198,7 +205,11 @@ impl Registry {
         let model = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
             let onnx = OnnxModel::load(&bytes, &manifest.onnx, manifest.input_width(), &options)?;
             register::smoke_test(&manifest, &onnx)?;
-            Ok(LoadedModel { manifest, onnx })
+            Ok(LoadedModel {
+                manifest,
+                manifest_sha256,
+                onnx,
+            })
         })
         .await??;
         let _ = self.provider.set(model.onnx.provider);

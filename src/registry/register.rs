@@ -224,10 +224,6 @@ impl Registry {
                 manifest.name, manifest.version
             )));
         }
-        let model: LoadedModel = self
-            .build(manifest.clone(), onnx.clone())
-            .await
-            .map_err(|e| RegisterError::Invalid(format!("{e:#}")))?;
         let row = row_for(
             &manifest,
             manifest_bytes,
@@ -237,6 +233,10 @@ impl Registry {
             "registered",
             Some(by),
         );
+        let model: LoadedModel = self
+            .build(manifest, row.manifest_sha256.clone(), onnx.clone())
+            .await
+            .map_err(|e| RegisterError::Invalid(format!("{e:#}")))?;
         self.blobs.put(&row.blob_key, onnx).await?;
         let mut tx = self.pool.begin().await?;
         if !repo::models::claim_name(&mut tx, &row.name, Some(tenant.as_str())).await? {

@@ -1,11 +1,12 @@
 //! Analyses: written with their job in one transaction, read back only within the caller's tenant.
 
+use super::JsonText;
 use crate::domain::analysis::Priority;
 use crate::domain::ids::{AnalysisId, TenantId};
+use crate::domain::provenance::{CODE_VERSION, ProvenanceRecord};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -43,6 +44,8 @@ pub struct Submission {
     pub model_name: String,
     pub model_version: String,
     pub model_sha256: String,
+    /// sha256 of the model's manifest as registered (for the provenance record).
+    pub manifest_sha256: String,
     pub priority: Priority,
     pub batch_id: Option<Uuid>,
     pub max_attempts: i32,
@@ -52,12 +55,15 @@ pub struct Submission {
     pub traceparent: Option<String>,
 }
 
-/// Writes the analyses of one or more submissions inside the caller's transaction, with one
-/// statement per table: either every row exists, or none does. Queued analyses get a job and the
-/// workers are woken at commit; finished ones (run inline) get their result and the read by their
-/// submitter in the audit trail instead.
+/// Writes the analyses of one or more submissions with one statement: either every row exists, or
+/// none does. Queued analyses get a job and the workers are woken at commit; finished ones (run
+/// inline) get their result, the read by their submitter in the audit trail, and their provenance
+/// record (linked into the chain later, by the sealer).
+///
+/// One statement, not one per table: outside a transaction (the intake's group commit) it is its
+/// own transaction, so a group costs one round trip and one commit.
 pub async fn insert_with_jobs(
-    tx: &mut PgConnection,
+    db: &mut PgConnection,
     groups: &[(&Submission, &[NewAnalysis])],
 ) -> sqlx::Result<()> {
     let rows: Vec<(&Submission, &NewAnalysis)> = groups
@@ -70,7 +76,7 @@ pub async fn insert_with_jobs(
     let ids: Vec<Uuid> = rows.iter().map(|(_, a)| a.id.0).collect();
     let subjects: Vec<Option<String>> = rows.iter().map(|(_, a)| a.subject.clone()).collect();
     let batches: Vec<Option<Uuid>> = rows.iter().map(|(s, _)| s.batch_id).collect();
-    let inputs: Vec<Json<&Value>> = rows.iter().map(|(_, a)| Json(&a.input)).collect();
+    let inputs: Vec<JsonText<&Value>> = rows.iter().map(|(_, a)| JsonText(&a.input)).collect();
     let validate_ms: Vec<f64> = rows.iter().map(|(_, a)| a.validate_ms).collect();
     let finished = |f: &dyn Fn(&Finished) -> DateTime<Utc>| {
         rows.iter()
@@ -85,19 +91,76 @@ pub async fn insert_with_jobs(
         }
         .to_owned()
     });
+    let queued = Queued::of(&rows);
+    let done: Vec<(&Submission, &NewAnalysis, &Finished)> = rows
+        .iter()
+        .filter_map(|(s, a)| a.finished.as_ref().map(|f| (*s, *a, f)))
+        .collect();
+    let done_ids: Vec<Uuid> = done.iter().map(|(_, a, _)| a.id.0).collect();
+    let done_tenants: Vec<String> = done
+        .iter()
+        .map(|(s, _, _)| s.tenant.as_str().to_owned())
+        .collect();
+    let readers: Vec<String> = done
+        .iter()
+        .map(|(s, _, _)| s.submitted_by.clone())
+        .collect();
+    let results: Vec<JsonText<&RawValue>> =
+        done.iter().map(|(_, _, f)| JsonText(&*f.result)).collect();
+    let timings: Vec<JsonText<&Value>> =
+        done.iter().map(|(_, _, f)| JsonText(&f.timings)).collect();
+    let providers: Vec<String> = done
+        .iter()
+        .map(|(_, _, f)| f.execution_provider.clone())
+        .collect();
+    let records = super::provenance::Rows::of(done.iter().map(|(s, a, f)| ProvenanceRecord {
+        analysis_id: a.id.0,
+        tenant: s.tenant.as_str().to_owned(),
+        input_sha256: a.input_sha256.clone(),
+        model_name: s.model_name.clone(),
+        model_version: s.model_version.clone(),
+        model_sha256: s.model_sha256.clone(),
+        manifest_sha256: s.manifest_sha256.clone(),
+        code_version: CODE_VERSION.to_owned(),
+        execution_provider: f.execution_provider.clone(),
+        result_sha256: crate::domain::provenance::text_digest(&f.result),
+    }));
+    let record_texts: Vec<JsonText<&Value>> = records.records.iter().map(JsonText).collect();
+    // Foreign keys are checked at the end of the statement, when the analyses are there. The
+    // workers are woken only when there is a job: NOTIFY is delivered at commit.
     sqlx::query!(
-        "insert into analyses (id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
-                               priority, input, input_sha256, validate_ms, batch_id, status,
-                               created_at, started_at, finished_at)
-         select t.id, t.tenant_id, t.submitted_by, t.subject, t.model_name, t.model_version, t.model_sha256,
-                t.priority, t.input, t.input_sha256, t.validate_ms, t.batch_id, t.status,
-                coalesce(t.created_at, now()), t.started_at, t.finished_at
-         from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::jsonb[], $10::text[], $11::float8[], $12::uuid[], $13::text[],
-                     $14::timestamptz[], $15::timestamptz[], $16::timestamptz[])
-              as t(id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
-                   priority, input, input_sha256, validate_ms, batch_id, status,
-                   created_at, started_at, finished_at)",
+        "with stored as (
+             insert into analyses (id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
+                                   priority, input, input_sha256, validate_ms, batch_id, status,
+                                   created_at, started_at, finished_at)
+             select t.id, t.tenant_id, t.submitted_by, t.subject, t.model_name, t.model_version, t.model_sha256,
+                    t.priority, t.input, t.input_sha256, t.validate_ms, t.batch_id, t.status,
+                    coalesce(t.created_at, now()), t.started_at, t.finished_at
+             from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::json[], $10::text[], $11::float8[], $12::uuid[], $13::text[],
+                         $14::timestamptz[], $15::timestamptz[], $16::timestamptz[])
+                  as t(id, tenant_id, submitted_by, subject, model_name, model_version, model_sha256,
+                       priority, input, input_sha256, validate_ms, batch_id, status,
+                       created_at, started_at, finished_at)
+         ),
+         jobs as (
+             insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable, traceparent)
+             select * from unnest($17::uuid[], $18::text[], $19::text[], $20::int2[], $21::int4[], $22::bool[], $23::text[])
+         ),
+         results as (
+             insert into results (analysis_id, tenant_id, result, timings, execution_provider)
+             select * from unnest($24::uuid[], $25::text[], $26::json[], $27::json[], $28::text[])
+         ),
+         reads as (
+             insert into audit_events (tenant_id, actor, action, target_type, target_id)
+             select t.tenant_id, t.actor, 'analysis.read', 'analysis', t.id::text
+             from unnest($24::uuid[], $25::text[], $29::text[]) as t(id, tenant_id, actor)
+         ),
+         records as (
+             insert into provenance (analysis_id, tenant_id, record, record_sha256)
+             select * from unnest($30::uuid[], $31::text[], $32::json[], $33::text[])
+         )
+         select pg_notify($34, '') where cardinality($17::uuid[]) > 0",
         &ids,
         &column(&|s, _| s.tenant.as_str().to_owned()),
         &column(&|s, _| s.submitted_by.clone()),
@@ -106,7 +169,7 @@ pub async fn insert_with_jobs(
         &column(&|s, _| s.model_version.clone()),
         &column(&|s, _| s.model_sha256.clone()),
         &column(&|s, _| s.priority.as_str().to_owned()),
-        &inputs as &[Json<&Value>],
+        &inputs as &[JsonText<&Value>],
         &column(&|_, a| a.input_sha256.clone()),
         &validate_ms,
         &batches as &[Option<Uuid>],
@@ -114,87 +177,56 @@ pub async fn insert_with_jobs(
         &finished(&|f| f.created_at) as &[Option<DateTime<Utc>>],
         &finished(&|f| f.started_at) as &[Option<DateTime<Utc>>],
         &finished(&|f| f.finished_at) as &[Option<DateTime<Utc>>],
+        &queued.ids,
+        &queued.tenants,
+        &queued.models,
+        &queued.ranks,
+        &queued.attempts,
+        &queued.batchable,
+        &queued.traceparents as &[Option<String>],
+        &done_ids,
+        &done_tenants,
+        &results as &[JsonText<&RawValue>],
+        &timings as &[JsonText<&Value>],
+        &providers,
+        &readers,
+        &records.ids,
+        &records.tenants,
+        &record_texts as &[JsonText<&Value>],
+        &records.digests,
+        super::JOBS_CHANNEL,
     )
-    .execute(&mut *tx)
+    .execute(&mut *db)
     .await?;
-    let (queued, done): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, a)| a.finished.is_none());
-    if !queued.is_empty() {
-        let column = |f: &dyn Fn(&Submission) -> String| {
-            queued.iter().map(|(s, _)| f(s)).collect::<Vec<String>>()
-        };
-        let ids: Vec<Uuid> = queued.iter().map(|(_, a)| a.id.0).collect();
-        let ranks: Vec<i16> = queued
-            .iter()
-            .map(|(s, _)| s.priority.queue_rank())
-            .collect();
-        let attempts: Vec<i32> = queued.iter().map(|(s, _)| s.max_attempts).collect();
-        let batchable: Vec<bool> = queued.iter().map(|(s, _)| s.batchable).collect();
-        let traceparents: Vec<Option<String>> =
-            queued.iter().map(|(s, _)| s.traceparent.clone()).collect();
-        sqlx::query!(
-            "insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable, traceparent)
-             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int4[], $6::bool[], $7::text[])",
-            &ids,
-            &column(&|s| s.tenant.as_str().to_owned()),
-            &column(&|s| s.model_name.clone()),
-            &ranks,
-            &attempts,
-            &batchable,
-            &traceparents as &[Option<String>],
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!("select pg_notify($1, '')", super::JOBS_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if !done.is_empty() {
-        let ids: Vec<Uuid> = done.iter().map(|(_, a)| a.id.0).collect();
-        let tenants: Vec<String> = done
-            .iter()
-            .map(|(s, _)| s.tenant.as_str().to_owned())
-            .collect();
-        let readers: Vec<String> = done.iter().map(|(s, _)| s.submitted_by.clone()).collect();
-        let finished: Vec<&Finished> = done
-            .iter()
-            .filter_map(|(_, a)| a.finished.as_ref())
-            .collect();
-        let results: Vec<Json<&RawValue>> = finished.iter().map(|f| Json(&*f.result)).collect();
-        let timings: Vec<Json<&Value>> = finished.iter().map(|f| Json(&f.timings)).collect();
-        let providers: Vec<String> = finished
-            .iter()
-            .map(|f| f.execution_provider.clone())
-            .collect();
-        sqlx::query!(
-            "with stored as (
-                 insert into results (analysis_id, tenant_id, result, timings, execution_provider)
-                 select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[])
-             )
-             insert into audit_events (tenant_id, actor, action, target_type, target_id)
-             select t.tenant_id, t.actor, 'analysis.read', 'analysis', t.id::text
-             from unnest($1::uuid[], $2::text[], $6::text[]) as t(id, tenant_id, actor)",
-            &ids,
-            &tenants,
-            &results as &[Json<&RawValue>],
-            &timings as &[Json<&Value>],
-            &providers,
-            &readers,
-        )
-        .execute(&mut *tx)
-        .await?;
-        let stored: Vec<super::provenance::Stored> = done
-            .iter()
-            .filter_map(|(_, a)| {
-                a.finished.as_ref().map(|f| super::provenance::Stored {
-                    analysis_id: a.id.0,
-                    result_sha256: crate::domain::provenance::text_digest(&f.result),
-                    execution_provider: &f.execution_provider,
-                })
-            })
-            .collect();
-        super::provenance::append(tx, &stored).await?;
-    }
     Ok(())
+}
+
+/// The job columns of the analyses that are queued, not run inline.
+#[derive(Debug, Default)]
+struct Queued {
+    ids: Vec<Uuid>,
+    tenants: Vec<String>,
+    models: Vec<String>,
+    ranks: Vec<i16>,
+    attempts: Vec<i32>,
+    batchable: Vec<bool>,
+    traceparents: Vec<Option<String>>,
+}
+
+impl Queued {
+    fn of(rows: &[(&Submission, &NewAnalysis)]) -> Self {
+        let mut queued = Self::default();
+        for (s, a) in rows.iter().filter(|(_, a)| a.finished.is_none()) {
+            queued.ids.push(a.id.0);
+            queued.tenants.push(s.tenant.as_str().to_owned());
+            queued.models.push(s.model_name.clone());
+            queued.ranks.push(s.priority.queue_rank());
+            queued.attempts.push(s.max_attempts);
+            queued.batchable.push(s.batchable);
+            queued.traceparents.push(s.traceparent.clone());
+        }
+        queued
+    }
 }
 
 /// An analysis with its result, as stored.

@@ -3,10 +3,10 @@
 //! fenced on the lease owner and attempt number, so a job whose lease was lost or that was
 //! cancelled is never completed by a stale worker.
 
+use super::JsonText;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
@@ -226,8 +226,9 @@ pub async fn complete_batch(
 ) -> sqlx::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = successes.iter().map(|s| s.job.analysis_id).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.job.attempts).collect();
-    let results: Vec<Json<&RawValue>> = successes.iter().map(|s| Json(&*s.result)).collect();
-    let timings: Vec<Json<&Value>> = successes.iter().map(|s| Json(&s.timings)).collect();
+    let results: Vec<JsonText<&RawValue>> =
+        successes.iter().map(|s| JsonText(&*s.result)).collect();
+    let timings: Vec<JsonText<&Value>> = successes.iter().map(|s| JsonText(&s.timings)).collect();
     sqlx::query_scalar!(
         r#"with done as (
                update jobs j set state = 'done', lease_owner = null, lease_expires_at = null, last_error = null
@@ -237,7 +238,7 @@ pub async fn complete_batch(
            ), stored as (
                insert into results (analysis_id, tenant_id, result, timings, execution_provider)
                select d.analysis_id, d.tenant_id, r.result, r.timings, $6
-               from done d join unnest($2::uuid[], $4::jsonb[], $5::jsonb[]) as r(id, result, timings)
+               from done d join unnest($2::uuid[], $4::json[], $5::json[]) as r(id, result, timings)
                  on r.id = d.analysis_id
                returning analysis_id
            )
@@ -248,8 +249,8 @@ pub async fn complete_batch(
         worker,
         &ids,
         &attempts,
-        &results as &[Json<&RawValue>],
-        &timings as &[Json<&Value>],
+        &results as &[JsonText<&RawValue>],
+        &timings as &[JsonText<&Value>],
         execution_provider,
     )
     .fetch_all(&mut *tx)

@@ -1,8 +1,8 @@
 //! Provenance records and the per-tenant chain that links them.
 
+use super::JsonText;
 use crate::domain::provenance::{self, GENESIS, ProvenanceRecord};
 use serde_json::Value;
-use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -36,10 +36,9 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
     .fetch_all(&mut *tx)
     .await?;
     let by_id: BTreeMap<Uuid, &Stored> = stored.iter().map(|s| (s.analysis_id, s)).collect();
-    let mut rows = Rows::default();
-    for f in facts {
-        let Some(s) = by_id.get(&f.id) else { continue };
-        let record = ProvenanceRecord {
+    let rows = Rows::of(facts.into_iter().filter_map(|f| {
+        let s = by_id.get(&f.id)?;
+        Some(ProvenanceRecord {
             analysis_id: f.id,
             tenant: f.tenant_id,
             input_sha256: f.input_sha256,
@@ -50,20 +49,15 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
             code_version: provenance::CODE_VERSION.to_owned(),
             execution_provider: s.execution_provider.to_owned(),
             result_sha256: s.result_sha256.clone(),
-        };
-        rows.ids.push(record.analysis_id);
-        rows.digests.push(record.digest());
-        rows.tenants.push(record.tenant.clone());
-        rows.records
-            .push(serde_json::to_value(&record).unwrap_or(Value::Null));
-    }
-    let records: Vec<Json<&Value>> = rows.records.iter().map(Json).collect();
+        })
+    }));
+    let records: Vec<JsonText<&Value>> = rows.records.iter().map(JsonText).collect();
     sqlx::query!(
         "insert into provenance (analysis_id, tenant_id, record, record_sha256)
-         select * from unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[])",
+         select * from unnest($1::uuid[], $2::text[], $3::json[], $4::text[])",
         &rows.ids,
         &rows.tenants,
-        &records as &[Json<&Value>],
+        &records as &[JsonText<&Value>],
         &rows.digests,
     )
     .execute(&mut *tx)
@@ -211,12 +205,27 @@ struct Head {
     chain_sha256: String,
 }
 
+/// Unsealed provenance records as the columns they are inserted as.
 #[derive(Debug, Default)]
-struct Rows {
-    ids: Vec<Uuid>,
-    tenants: Vec<String>,
-    records: Vec<Value>,
-    digests: Vec<String>,
+pub(super) struct Rows {
+    pub ids: Vec<Uuid>,
+    pub tenants: Vec<String>,
+    pub records: Vec<Value>,
+    pub digests: Vec<String>,
+}
+
+impl Rows {
+    pub fn of(records: impl Iterator<Item = ProvenanceRecord>) -> Self {
+        let mut rows = Self::default();
+        for record in records {
+            rows.ids.push(record.analysis_id);
+            rows.digests.push(record.digest());
+            rows.tenants.push(record.tenant.clone());
+            rows.records
+                .push(serde_json::to_value(&record).unwrap_or(Value::Null));
+        }
+        rows
+    }
 }
 
 /// One link of a chain as stored, with what is stored now for the same analysis.

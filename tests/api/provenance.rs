@@ -48,7 +48,7 @@ async fn seal(app: &TestApp) -> u64 {
 /// Changes a stored result behind the service's back, as a tamperer with database access would.
 async fn flip_decision(app: &TestApp, analysis: &str) {
     sqlx::query(
-        "update results set result = jsonb_set(result, '{decision,label}', '\"flipped\"') where analysis_id = $1::uuid",
+        "update results set result = jsonb_set(result::jsonb, '{decision,label}', '\"flipped\"')::json where analysis_id = $1::uuid",
     )
     .bind(analysis)
     .execute(&app.pool)
@@ -336,6 +336,32 @@ async fn inline_and_queued_results_share_one_chain_per_tenant() {
         .await;
     assert_eq!((seq(&first), seq(&second)), (1, 2));
     assert_eq!(second["previous_sha256"], first["chain_sha256"]);
+    // An inline record is made from what the process holds, a queued one from the database: they
+    // must state the same model, manifest, build and provider, and the inline one its own facts.
+    let model = app.get_json(&format!("/v1/models/{MODEL}"), &oslo).await;
+    let (a, b) = (&first["record"], &second["record"]);
+    assert_eq!(a["manifest_sha256"], model["manifest_sha256"], "{model}");
+    for field in [
+        "tenant",
+        "model_name",
+        "model_version",
+        "model_sha256",
+        "manifest_sha256",
+        "code_version",
+        "execution_provider",
+    ] {
+        assert_eq!(a[field], b[field], "{field}: {a} against {b}");
+    }
+    assert_eq!(a["analysis_id"], inline["id"]);
+    assert_eq!(a["input_sha256"], inline["input_sha256"]);
+    assert_eq!(
+        a["result_sha256"],
+        json!(sha256_hex(canonical(&inline["result"]).as_bytes()))
+    );
+    assert_eq!(
+        first["record_sha256"],
+        json!(sha256_hex(canonical(a).as_bytes()))
+    );
     let p = app
         .get_json(&format!("/v1/analyses/{other}/provenance"), &bergen)
         .await;

@@ -165,6 +165,7 @@ pub async fn create(
         model_name: manifest.name.clone(),
         model_version: manifest.version.clone(),
         model_sha256: manifest.onnx.sha256.clone(),
+        manifest_sha256: prepared.model.manifest_sha256.clone(),
         priority: prepared.priority,
         batch_id: prepared.batch_id,
         max_attempts: state.retry_max_attempts(),
