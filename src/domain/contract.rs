@@ -615,46 +615,52 @@ impl Manifest {
         &self,
         features: &Map<String, Value>,
     ) -> Result<ValidFeatures, Vec<FieldError>> {
-        let mut errors: Vec<FieldError> = features
-            .keys()
-            .filter(|k| self.input(k).is_none())
-            .map(|k| {
-                FieldError::new(
-                    format!("features.{k}"),
-                    "unknown",
-                    format!(
-                        "{k} is not an input of {}; see GET /v1/models/{}",
-                        self.name, self.name
-                    ),
-                )
-            })
-            .collect();
+        let mut errors = Vec::new();
         let mut canonical = Map::new();
         let mut flags = Vec::new();
+        let mut known = 0;
         for spec in &self.inputs {
-            let field = format!("features.{}", spec.name);
+            let field = || format!("features.{}", spec.name);
             let Some(value) = features.get(&spec.name) else {
                 errors.push(FieldError::new(
-                    field,
+                    field(),
                     "missing",
                     format!("{} is required", spec.name),
                 ));
                 continue;
             };
+            known += 1;
             match check_value(spec, value) {
                 Ok((accepted, flag)) => {
                     flags.extend(flag);
                     canonical.insert(spec.name.clone(), accepted);
                 }
-                Err((rule, message)) => errors.push(FieldError::new(field, rule, message)),
+                Err((rule, message)) => errors.push(FieldError::new(field(), rule, message)),
             }
+        }
+        // Input names are unique, so every given name was an input exactly when all were matched.
+        if known < features.len() {
+            let unknown = features
+                .keys()
+                .filter(|k| self.input(k).is_none())
+                .map(|k| {
+                    FieldError::new(
+                        format!("features.{k}"),
+                        "unknown",
+                        format!(
+                            "{k} is not an input of {}; see GET /v1/models/{}",
+                            self.name, self.name
+                        ),
+                    )
+                });
+            errors.splice(0..0, unknown);
         }
         if !errors.is_empty() {
             return Err(errors);
         }
         let encoded = self.encode(&canonical);
-        let sorted: BTreeMap<&String, &Value> = canonical.iter().collect();
-        let bytes = serde_json::to_vec(&sorted).unwrap_or_default();
+        // serde_json's map keeps its keys sorted (no `preserve_order`): this is the canonical form.
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
         Ok(ValidFeatures {
             canonical,
             encoded,

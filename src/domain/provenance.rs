@@ -22,32 +22,37 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// The version of the code that produced a result: `git describe` at build time.
 pub const CODE_VERSION: &str = env!("BUILD_CODE_VERSION");
 
-/// Everything that determined one result.
+/// Everything that determined one result. The fields are declared in key order, so serde writes
+/// a record as its canonical JSON directly ([`ProvenanceRecord::canonical_text`]; a test holds it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProvenanceRecord {
     pub analysis_id: Uuid,
-    pub tenant: String,
-    /// sha256 of the canonical input (as `input_sha256` on the analysis).
-    pub input_sha256: String,
-    pub model_name: String,
-    pub model_version: String,
-    /// sha256 of the ONNX file that ran.
-    pub model_sha256: String,
-    /// sha256 of the model's manifest as registered.
-    pub manifest_sha256: String,
     /// `git describe` of the onkos build that ran it.
     pub code_version: String,
     /// The ONNX Runtime execution provider that ran it.
     pub execution_provider: String,
+    /// sha256 of the canonical input (as `input_sha256` on the analysis).
+    pub input_sha256: String,
+    /// sha256 of the model's manifest as registered.
+    pub manifest_sha256: String,
+    pub model_name: String,
+    /// sha256 of the ONNX file that ran.
+    pub model_sha256: String,
+    pub model_version: String,
     /// sha256 of the stored result document's canonical JSON.
     pub result_sha256: String,
+    pub tenant: String,
 }
 
 impl ProvenanceRecord {
     pub fn digest(&self) -> String {
-        sha256_hex(&canonical_json(
-            &serde_json::to_value(self).unwrap_or(Value::Null),
-        ))
+        sha256_hex(self.canonical_text().get().as_bytes())
+    }
+
+    /// The record as its canonical JSON text: what is stored, and what its digest is taken over.
+    /// Every field is a string, so no number needs rewriting.
+    pub fn canonical_text(&self) -> Box<RawValue> {
+        serde_json::value::to_raw_value(self).unwrap_or_else(|_| unreachable!("strings only"))
     }
 }
 
@@ -216,6 +221,17 @@ mod tests {
             execution_provider: "CPUExecutionProvider".into(),
             result_sha256: result_digest(&json!({"b": 1, "a": [0.5, "x"]})),
         }
+    }
+
+    #[test]
+    fn a_record_is_written_as_its_canonical_json() {
+        let record = record();
+        let canonical = canonical_json(&serde_json::to_value(&record).expect("a record"));
+        assert_eq!(
+            record.canonical_text().get().as_bytes(),
+            canonical.as_slice()
+        );
+        assert_eq!(record.digest(), sha256_hex(&canonical));
     }
 
     #[test]

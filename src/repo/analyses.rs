@@ -125,7 +125,8 @@ pub async fn insert_with_jobs(
         execution_provider: f.execution_provider.clone(),
         result_sha256: crate::domain::provenance::text_digest(&f.result),
     }));
-    let record_texts: Vec<JsonText<&Value>> = records.records.iter().map(JsonText).collect();
+    let record_texts: Vec<JsonText<&RawValue>> =
+        records.records.iter().map(|r| JsonText(&**r)).collect();
     // Foreign keys are checked at the end of the statement, when the analyses are there. The
     // workers are woken only when there is a job: NOTIFY is delivered at commit.
     sqlx::query!(
@@ -192,7 +193,7 @@ pub async fn insert_with_jobs(
         &readers,
         &records.ids,
         &records.tenants,
-        &record_texts as &[JsonText<&Value>],
+        &record_texts as &[JsonText<&RawValue>],
         &records.digests,
         super::JOBS_CHANNEL,
     )

@@ -3,6 +3,7 @@
 use super::JsonText;
 use crate::domain::provenance::{self, GENESIS, ProvenanceRecord};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -51,13 +52,13 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
             result_sha256: s.result_sha256.clone(),
         })
     }));
-    let records: Vec<JsonText<&Value>> = rows.records.iter().map(JsonText).collect();
+    let records: Vec<JsonText<&RawValue>> = rows.records.iter().map(|r| JsonText(&**r)).collect();
     sqlx::query!(
         "insert into provenance (analysis_id, tenant_id, record, record_sha256)
          select * from unnest($1::uuid[], $2::text[], $3::json[], $4::text[])",
         &rows.ids,
         &rows.tenants,
-        &records as &[JsonText<&Value>],
+        &records as &[JsonText<&RawValue>],
         &rows.digests,
     )
     .execute(&mut *tx)
@@ -210,7 +211,8 @@ struct Head {
 pub(super) struct Rows {
     pub ids: Vec<Uuid>,
     pub tenants: Vec<String>,
-    pub records: Vec<Value>,
+    /// Each record's canonical text, as stored and digested.
+    pub records: Vec<Box<RawValue>>,
     pub digests: Vec<String>,
 }
 
@@ -218,11 +220,12 @@ impl Rows {
     pub fn of(records: impl Iterator<Item = ProvenanceRecord>) -> Self {
         let mut rows = Self::default();
         for record in records {
+            let text = record.canonical_text();
             rows.ids.push(record.analysis_id);
-            rows.digests.push(record.digest());
-            rows.tenants.push(record.tenant.clone());
-            rows.records
-                .push(serde_json::to_value(&record).unwrap_or(Value::Null));
+            rows.digests
+                .push(provenance::sha256_hex(text.get().as_bytes()));
+            rows.tenants.push(record.tenant);
+            rows.records.push(text);
         }
         rows
     }
