@@ -111,10 +111,16 @@ fn rewrite_numbers(value: &mut Value) {
 /// A document as its canonical JSON text: the form a result is stored, digested and answered in,
 /// written once.
 pub fn canonical_text(value: &Value) -> Box<RawValue> {
-    // Writing a `Value` cannot fail (its keys are strings, the writer a Vec), and what serde_json
-    // writes is JSON: the defaults below are never taken.
-    let text = String::from_utf8(canonical_json(value)).unwrap_or_default();
-    RawValue::from_string(text).unwrap_or_default()
+    // Writing a `Value` cannot fail (its keys are strings): the default is never taken. The text is
+    // taken as serde_json wrote it, not parsed again (`RawValue::from_string` would).
+    let written = if has_rewritten(value) {
+        let mut value = value.clone();
+        rewrite_numbers(&mut value);
+        serde_json::value::to_raw_value(&value)
+    } else {
+        serde_json::value::to_raw_value(value)
+    };
+    written.unwrap_or_default()
 }
 
 /// The digest of a result document already written as its canonical text ([`canonical_text`]):

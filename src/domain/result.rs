@@ -230,9 +230,11 @@ pub fn canonical_text(result: &AnalysisResult) -> Result<Box<RawValue>, String> 
         AnalysisResult::Survival(_) => true,
         AnalysisResult::Slide(_) => false,
     };
-    let text = serde_json::to_string(result).map_err(|e| e.to_string())?;
-    if key_ordered && !has_negative_zero(&text) && !text.contains("e+") {
-        return RawValue::from_string(text).map_err(|e| e.to_string());
+    // `to_raw_value` takes what serde_json wrote as it is; `RawValue::from_string` would parse the
+    // whole text again to check it.
+    let text = serde_json::value::to_raw_value(result).map_err(|e| e.to_string())?;
+    if key_ordered && !has_negative_zero(text.get()) && !text.get().contains("e+") {
+        return Ok(text);
     }
     let tree = serde_json::to_value(result).map_err(|e| e.to_string())?;
     Ok(crate::domain::provenance::canonical_text(&tree))
