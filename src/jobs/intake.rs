@@ -1,6 +1,6 @@
 //! Intake: group commit for submissions. Concurrent submissions queue here and a few writer tasks
-//! each take whatever has queued up and write it — one transaction, one statement per table —
-//! instead of a transaction each. Under load that cuts the database work per analysis several-fold;
+//! each take whatever has queued up and write it — one statement, its own transaction — instead
+//! of a transaction each. Under load that cuts the database work per analysis several-fold;
 //! when idle a group is a single submission, so nothing waits for company.
 
 use crate::repo;
@@ -12,8 +12,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 /// Most submissions written by one transaction.
 const MAX_GROUP: usize = 256;
 /// Transactions in flight at once: while one waits for its commit to reach the disk, the next
-/// group is already being written.
-const WRITERS: usize = 4;
+/// group is already being written. Two since a group became one statement (BENCHMARKS.md, 2026-12-01):
+/// more writers make smaller groups, so more commits and more database CPU per analysis.
+const WRITERS: usize = 2;
 
 /// Why a submission was not stored.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -71,7 +71,7 @@ async fn import_one(registry: &Registry, folder: &Path) -> anyhow::Result<()> {
         "bundled",
         None,
     );
-    let mut model = registry
+    let model = registry
         .build(manifest, row.manifest_sha256.clone(), onnx.clone().into())
         .await?;
     registry.blobs.put(&row.blob_key, onnx.into()).await?;
@@ -85,18 +85,17 @@ async fn import_one(registry: &Registry, folder: &Path) -> anyhow::Result<()> {
     if repo::models::insert(&mut *tx, &row).await? {
         repo::models::activate(&mut tx, &row.name, &row.version).await?;
     } else {
-        // Another node imported this version first: its bytes must be ours, or analyses would
-        // record one sha256 while this node runs another file.
+        // Another node imported this version first: its files must be ours, or analyses would
+        // record one sha256 (model or manifest) while this node runs another.
         let theirs = repo::models::find(&mut *tx, &row.name, &row.version).await?;
-        let Some(theirs) = theirs.filter(|t| t.onnx_sha256 == row.onnx_sha256) else {
-            anyhow::bail!(
-                "{} {} was imported concurrently with different bytes: give a changed model a new version",
-                row.name,
-                row.version
-            );
-        };
-        // Provenance names the manifest as stored, which is theirs.
-        model.manifest_sha256 = theirs.manifest_sha256;
+        anyhow::ensure!(
+            theirs
+                .is_some_and(|t| t.onnx_sha256 == row.onnx_sha256
+                    && t.manifest_sha256 == row.manifest_sha256),
+            "{} {} was imported concurrently with a different model or manifest: give a changed model a new version",
+            row.name,
+            row.version
+        );
     }
     tx.commit().await?;
     registry.remember(&row.name, &row.version, std::sync::Arc::new(model));

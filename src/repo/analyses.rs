@@ -144,11 +144,11 @@ pub async fn insert_with_jobs(
                        priority, input, input_sha256, validate_ms, batch_id, status,
                        created_at, started_at, finished_at)
          ),
-         jobs as (
+         new_jobs as (
              insert into jobs (analysis_id, tenant_id, model_name, priority, max_attempts, batchable, traceparent)
              select * from unnest($17::uuid[], $18::text[], $19::text[], $20::int2[], $21::int4[], $22::bool[], $23::text[])
          ),
-         results as (
+         new_results as (
              insert into results (analysis_id, tenant_id, result, timings, execution_provider)
              select * from unnest($24::uuid[], $25::text[], $26::json[], $27::json[], $28::text[])
          ),
@@ -157,7 +157,7 @@ pub async fn insert_with_jobs(
              select t.tenant_id, t.actor, 'analysis.read', 'analysis', t.id::text
              from unnest($24::uuid[], $25::text[], $29::text[]) as t(id, tenant_id, actor)
          ),
-         records as (
+         new_records as (
              insert into provenance (analysis_id, tenant_id, record, record_sha256)
              select * from unnest($30::uuid[], $31::text[], $32::json[], $33::text[])
          )
