@@ -199,6 +199,16 @@ impl Verifier {
         .map_err(|e| reject(format!("invalid token: {e}")))?
         .claims;
         let tenant = TenantId::parse(&claims.tenant).map_err(reject)?;
+        // The subject is stored with every analysis and audit event: an empty one or one with
+        // control characters (a NUL cannot even be stored as text) names no one.
+        if claims.sub.is_empty()
+            || claims.sub.len() > 255
+            || claims.sub.chars().any(char::is_control)
+        {
+            return Err(reject(
+                "the token's subject (sub) must be 1-255 bytes without control characters".into(),
+            ));
+        }
         let principal = Principal {
             subject: claims.sub,
             tenant,

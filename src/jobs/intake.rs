@@ -8,6 +8,7 @@ use crate::repo::analyses::{NewAnalysis, Submission};
 use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
 
 /// Most submissions written by one transaction.
 const MAX_GROUP: usize = 256;
@@ -17,20 +18,23 @@ const MAX_GROUP: usize = 256;
 const WRITERS: usize = 2;
 
 /// Why a submission was not stored.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
     /// The database is not reachable (503).
     #[error("the database is not reachable")]
     Unavailable,
+    /// The database refused the rows; the error says why (a NUL in a text value is the client's).
     #[error("cannot store the submission: {0}")]
-    Failed(String),
+    Refused(#[source] sqlx::Error),
+    #[error("cannot store the submission: {0}")]
+    Failed(&'static str),
 }
 
 impl From<sqlx::Error> for IntakeError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             e if crate::error::database_unreachable(&e) => Self::Unavailable,
-            other => Self::Failed(other.to_string()),
+            other => Self::Refused(other),
         }
     }
 }
@@ -65,10 +69,10 @@ impl Intake {
         self.queue
             .send((submission, analyses, reply))
             .await
-            .map_err(|_| IntakeError::Failed("the intake has stopped".into()))?;
+            .map_err(|_| IntakeError::Failed("the intake has stopped"))?;
         committed
             .await
-            .map_err(|_| IntakeError::Failed("the intake dropped the submission".into()))?
+            .map_err(|_| IntakeError::Failed("the intake dropped the submission"))?
     }
 }
 
@@ -77,8 +81,23 @@ async fn write_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>)
     // A writer takes whatever has queued up while it was busy; the others wait their turn.
     while incoming.lock().await.recv_many(&mut group, MAX_GROUP).await > 0 {
         match write(&pool, &group).await {
-            Ok(()) => reply_all(&mut group, &Ok(())),
-            Err(e) if group.len() == 1 => reply_all(&mut group, &Err(e.into())),
+            Ok(()) => {
+                for (_, analyses, reply) in group.drain(..) {
+                    let _ = reply.send(Ok(analyses));
+                }
+            }
+            // The database is gone: storing one by one would only wait for it once per entry.
+            Err(e) if crate::error::database_unreachable(&e) => {
+                tracing::warn!(error = %e, submissions = group.len(), "the database is not reachable");
+                for (_, _, reply) in group.drain(..) {
+                    let _ = reply.send(Err(IntakeError::Unavailable));
+                }
+            }
+            Err(e) if group.len() == 1 => {
+                if let Some((_, _, reply)) = group.pop() {
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
             Err(e) => {
                 // One bad submission must not fail its neighbours (other tenants' among them):
                 // store each on its own, so that only the bad one fails.
@@ -96,13 +115,32 @@ async fn write_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>)
     }
 }
 
-fn reply_all(group: &mut Vec<Entry>, outcome: &Result<(), IntakeError>) {
-    for (_, analyses, reply) in group.drain(..) {
-        let _ = reply.send(outcome.clone().map(|()| analyses));
+/// Writes a group with one statement. When that fails, the commit may still have happened (the
+/// connection was lost after the server committed, before its answer arrived): the group is then
+/// looked for, and found stored means stored. The statement is atomic, so the first analysis of
+/// each submission stands for all of it; its id is a fresh random UUID, so nothing else stored it.
+/// Without this, the retry one by one would fail every submission on its own primary key.
+async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
+    let error = match write_once(pool, group).await {
+        Ok(()) => return Ok(()),
+        // No connection was had, so no statement was sent.
+        Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => return Err(e),
+        Err(e) => e,
+    };
+    let firsts: Vec<Uuid> = group
+        .iter()
+        .filter_map(|(_, analyses, _)| analyses.first().map(|a| a.id.0))
+        .collect();
+    match repo::analyses::count_existing(pool, &firsts).await {
+        Ok(found) if found == firsts.len() as i64 && found > 0 => {
+            tracing::warn!(%error, submissions = group.len(), "the group was committed although its statement failed");
+            Ok(())
+        }
+        _ => Err(error),
     }
 }
 
-async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
+async fn write_once(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
     let rows: Vec<(&Submission, &[NewAnalysis])> =
         group.iter().map(|(s, a, _)| (s, a.as_slice())).collect();
     // One statement, so no transaction block: the statement commits alone.

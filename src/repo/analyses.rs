@@ -426,3 +426,14 @@ pub async fn standing(
     .fetch_optional(db)
     .await
 }
+
+/// How many of these analyses are stored (in any tenant): the intake's check of whether a group
+/// whose statement failed had committed after all.
+pub async fn count_existing(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from analyses where id = any($1)"#,
+        ids
+    )
+    .fetch_one(db)
+    .await
+}

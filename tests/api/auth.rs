@@ -114,6 +114,20 @@ fn bad_tokens(app: &TestApp) -> Vec<(&'static str, String)> {
             "tenant with forbidden characters",
             signed(app, |c| c.tenant = "../oslo".into()),
         ),
+        // The subject is stored with every analysis: a NUL cannot be stored as text at all.
+        (
+            "subject with a NUL",
+            signed(app, |c| c.sub = "dr\u{0}who".into()),
+        ),
+        (
+            "subject with a newline",
+            signed(app, |c| c.sub = "dr\nwho".into()),
+        ),
+        ("empty subject", signed(app, |c| c.sub = String::new())),
+        (
+            "subject over 255 bytes",
+            signed(app, |c| c.sub = "x".repeat(256)),
+        ),
     ]
 }
 

@@ -453,6 +453,69 @@ async fn concurrent_submissions_are_each_stored_once_through_the_group_commit() 
     assert_eq!(app.drain().await, 40);
 }
 
+/// A group whose statement failed after the server had committed it (its connection lost before
+/// the answer came) is stored: a second write of the same analyses finds them and succeeds,
+/// alone or in a group with a new submission, instead of failing on their primary keys.
+#[tokio::test]
+async fn a_group_stored_before_its_statement_failed_counts_as_stored() {
+    use onkos::domain::analysis::Priority;
+    use onkos::domain::ids::{AnalysisId, TenantId};
+    use onkos::jobs::intake::Intake;
+    use onkos::repo::analyses::{NewAnalysis, Submission};
+    let app = TestApp::spawn().await;
+    let model: (String, String, String) =
+        sqlx::query_as(
+            "select version, onnx_sha256, manifest_sha256 from models where name = $1 and state = 'active'",
+        )
+            .bind(MODEL)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let submission = Submission {
+        tenant: TenantId::parse("oslo").unwrap(),
+        submitted_by: "tester".into(),
+        model_name: MODEL.into(),
+        model_version: model.0,
+        model_sha256: model.1,
+        manifest_sha256: model.2,
+        priority: Priority::Routine,
+        batch_id: None,
+        max_attempts: 3,
+        batchable: true,
+        traceparent: None,
+    };
+    let analysis = |id: AnalysisId| NewAnalysis {
+        id,
+        subject: None,
+        input: reference_rows()[0]["features"].clone(),
+        input_sha256: "1".repeat(64),
+        validate_ms: 0.0,
+        finished: None,
+    };
+    let intake = Intake::start(app.pool.clone());
+    let (first, second) = (AnalysisId::new(), AnalysisId::new());
+    intake
+        .submit(submission.clone(), vec![analysis(first)])
+        .await
+        .unwrap();
+    let again = intake.submit(submission.clone(), vec![analysis(first)]);
+    let alone = intake.submit(submission.clone(), vec![analysis(second)]);
+    let (again, alone) = tokio::join!(again, alone);
+    assert_eq!(again.unwrap()[0].id, first);
+    assert_eq!(alone.unwrap()[0].id, second);
+    assert_eq!((app.rows("analyses").await, app.rows("jobs").await), (2, 2));
+    // Once more on its own: a group of one takes the same path.
+    assert_eq!(
+        intake
+            .submit(submission, vec![analysis(second)])
+            .await
+            .unwrap()[0]
+            .id,
+        second
+    );
+    assert_eq!(app.rows("analyses").await, 2);
+}
+
 #[tokio::test]
 async fn a_job_whose_worker_died_is_retried_alone_so_a_poison_input_cannot_sink_its_batch() {
     let app = TestApp::spawn().await;
