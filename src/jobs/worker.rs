@@ -716,12 +716,12 @@ impl Worker {
             done.extend(completed);
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
-        // Last before the commit: it locks the tenant's chain head until then.
+        // Unlinked: the sealer links them into their tenants' chains after this commits.
         let records: Vec<repo::provenance::Stored> = successes
             .iter()
             .filter(|s| done.contains(&s.job.analysis_id))
             .map(|s| repo::provenance::Stored {
-                analysis_id: s.job.analysis_id,
+                job: s.job,
                 result_sha256: crate::domain::provenance::text_digest(&s.result),
                 execution_provider: provider,
             })

@@ -20,6 +20,11 @@ pub struct ClaimedJob {
     pub model_name: String,
     pub model_version: String,
     pub input: Value,
+    /// What its provenance record states: the analysis's input and model digests, and the
+    /// digest of the model's manifest as registered (empty if the version is not registered).
+    pub input_sha256: String,
+    pub model_sha256: String,
+    pub manifest_sha256: String,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     /// The W3C traceparent of the request that queued it.
@@ -73,8 +78,11 @@ pub async fn claim(
            select c.analysis_id as "analysis_id!", c.tenant_id as "tenant_id!", c.attempts as "attempts!",
                   c.max_attempts as "max_attempts!", c.model_name as "model_name!",
                   a.model_version as "model_version!", a.input as "input!",
+                  a.input_sha256 as "input_sha256!", a.model_sha256 as "model_sha256!",
+                  coalesce(m.manifest_sha256, '') as "manifest_sha256!",
                   a.created_at as "created_at!", c.started_at, c.traceparent
-           from claimed c join analyses a on a.id = c.analysis_id"#,
+           from claimed c join analyses a on a.id = c.analysis_id
+           left join models m on m.name = a.model_name and m.version = a.model_version"#,
         limit,
         worker,
         lease_secs,

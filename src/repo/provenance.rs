@@ -1,17 +1,18 @@
 //! Provenance records and the per-tenant chain that links them.
 
 use super::JsonText;
+use super::jobs::ClaimedJob;
 use crate::domain::provenance::{self, GENESIS, ProvenanceRecord};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sqlx::{PgConnection, PgExecutor, PgPool};
-use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// A result being stored, for its provenance record.
 #[derive(Debug)]
 pub struct Stored<'a> {
-    pub analysis_id: Uuid,
+    /// The job whose result it is: its claim read the facts the record states.
+    pub job: &'a ClaimedJob,
     /// sha256 of the stored result's canonical JSON ([`provenance::result_digest`]).
     pub result_sha256: String,
     pub execution_provider: &'a str,
@@ -24,33 +25,17 @@ pub async fn append(tx: &mut PgConnection, stored: &[Stored<'_>]) -> sqlx::Resul
     if stored.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = stored.iter().map(|s| s.analysis_id).collect();
-    let facts = sqlx::query!(
-        r#"select a.id as "id!", a.tenant_id as "tenant_id!", a.input_sha256 as "input_sha256!",
-                  a.model_name as "model_name!", a.model_version as "model_version!",
-                  a.model_sha256 as "model_sha256!",
-                  coalesce(m.manifest_sha256, '') as "manifest_sha256!"
-           from analyses a left join models m on m.name = a.model_name and m.version = a.model_version
-           where a.id = any($1)"#,
-        &ids,
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let by_id: BTreeMap<Uuid, &Stored> = stored.iter().map(|s| (s.analysis_id, s)).collect();
-    let rows = Rows::of(facts.into_iter().filter_map(|f| {
-        let s = by_id.get(&f.id)?;
-        Some(ProvenanceRecord {
-            analysis_id: f.id,
-            tenant: f.tenant_id,
-            input_sha256: f.input_sha256,
-            model_name: f.model_name,
-            model_version: f.model_version,
-            model_sha256: f.model_sha256,
-            manifest_sha256: f.manifest_sha256,
-            code_version: provenance::CODE_VERSION.to_owned(),
-            execution_provider: s.execution_provider.to_owned(),
-            result_sha256: s.result_sha256.clone(),
-        })
+    let rows = Rows::of(stored.iter().map(|s| ProvenanceRecord {
+        analysis_id: s.job.analysis_id,
+        tenant: s.job.tenant_id.clone(),
+        input_sha256: s.job.input_sha256.clone(),
+        model_name: s.job.model_name.clone(),
+        model_version: s.job.model_version.clone(),
+        model_sha256: s.job.model_sha256.clone(),
+        manifest_sha256: s.job.manifest_sha256.clone(),
+        code_version: provenance::CODE_VERSION.to_owned(),
+        execution_provider: s.execution_provider.to_owned(),
+        result_sha256: s.result_sha256.clone(),
     }));
     let records: Vec<JsonText<&RawValue>> = rows.records.iter().map(|r| JsonText(&**r)).collect();
     sqlx::query!(
