@@ -247,7 +247,8 @@ pub struct AnalysisRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub batch_id: Option<Uuid>,
-    pub result: Option<Value>,
+    /// The result as the text it was stored as: passed on without being parsed into a tree.
+    pub result: Option<sqlx::types::Json<Box<RawValue>>>,
     pub timings: Option<Value>,
     pub execution_provider: Option<String>,
     /// Slide analyses while they run: tiles done and in all.
@@ -275,7 +276,7 @@ pub async fn find(
                   case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
                   a.input_sha256, a.error, a.validate_ms, a.created_at,
                   coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
-                  a.batch_id, r.result as "result?", r.timings as "timings?", r.execution_provider as "execution_provider?",
+                  a.batch_id, r.result as "result?: sqlx::types::Json<Box<RawValue>>", r.timings as "timings?", r.execution_provider as "execution_provider?",
                   j.progress_done as "progress_done?", j.progress_total as "progress_total?"
            from analyses a
            left join jobs j on j.analysis_id = a.id

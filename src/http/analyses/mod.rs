@@ -205,13 +205,18 @@ pub struct AnalysisPage {
 }
 
 pub(crate) async fn view(state: &AppState, r: AnalysisRecord) -> anyhow::Result<AnalysisView> {
+    /// The one field of a stored result read here; the rest is skipped over, not built.
+    #[derive(serde::Deserialize)]
+    struct Stated {
+        intended_use: Option<String>,
+    }
     let stored_use = r
         .result
         .as_ref()
-        .and_then(|r| r.get("intended_use"))
-        .and_then(Value::as_str);
+        .and_then(|r| serde_json::from_str::<Stated>(r.0.get()).ok())
+        .and_then(|s| s.intended_use);
     let intended_use = match stored_use {
-        Some(text) => text.to_owned(),
+        Some(text) => text,
         None => match state
             .registry
             .version(&r.model_name, &r.model_version)
@@ -281,7 +286,7 @@ pub(crate) fn view_with(r: AnalysisRecord, intended_use: String) -> anyhow::Resu
             _ => None,
         },
         execution_provider: r.execution_provider,
-        result: result.map(ResultDocument::Read),
+        result: result.map(|text| ResultDocument::Stored(text.0)),
         error: r.error,
         intended_use,
     })

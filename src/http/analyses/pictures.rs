@@ -107,10 +107,9 @@ pub async fn heatmap(
         .iter()
         .position(|m| *m == measure)
         .ok_or_else(|| anyhow::anyhow!("stored tiles lack the heatmap measure {measure}"))?;
-    let slide_id = record
-        .result
-        .as_ref()
-        .and_then(|r| r["slide"]["id"].as_str())
+    let result = stored_tree(&record);
+    let slide_id = result["slide"]["id"]
+        .as_str()
         .and_then(|s| Uuid::parse_str(s).ok())
         .ok_or_else(|| {
             ApiError::Validation(vec![FieldError::new(
@@ -258,7 +257,7 @@ pub async fn evidence(
         .and_then(|r| r.parse().ok())
         .ok_or(ApiError::NotFound)?;
     let (record, _) = finished(&state, &principal, &id, "analysis.evidence").await?;
-    let result = record.result.unwrap_or_default();
+    let result = stored_tree(&record);
     let tile = rank
         .checked_sub(1)
         .and_then(|i| result["evidence"].get(i))
@@ -303,4 +302,13 @@ pub async fn evidence(
     .map_err(|e| anyhow::anyhow!("evidence crop died: {e}"))?
     .map_err(|e| anyhow::anyhow!("evidence crop: {e}"))?;
     Ok(([(header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response())
+}
+
+/// A stored result as a JSON tree (null when there is none).
+fn stored_tree(record: &repo::analyses::AnalysisRecord) -> serde_json::Value {
+    record
+        .result
+        .as_ref()
+        .and_then(|text| serde_json::from_str(text.0.get()).ok())
+        .unwrap_or_default()
 }

@@ -3,9 +3,7 @@
 //! `Idempotency-Key` gets the first answer back instead of a second analysis.
 
 use super::read::{parse_wait, read_when_final};
-use super::{
-    AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, ResultDocument, view, view_with,
-};
+use super::{AnalysisAccepted, AnalysisRequest, AnalysisView, BatchAccepted, view, view_with};
 use crate::app::AppState;
 use crate::auth::{Principal, Role};
 use crate::domain::analysis::{Priority, Status};
@@ -230,10 +228,9 @@ pub async fn create(
         // Answered from what was just committed, as a read of it would return it; the result
         // as the text it was stored as.
         let analysis = stored.into_iter().next().unwrap_or_else(|| unreachable!());
-        let (record, result) = finished_record(&submission, analysis);
+        let record = finished_record(&submission, analysis);
         // The result's own intended use: it was built from this manifest's.
-        let mut answer = view_with(record, manifest.intended_use.clone())?;
-        answer.result = result.map(ResultDocument::Stored);
+        let answer = view_with(record, manifest.intended_use.clone())?;
         return Ok(with_location(
             (StatusCode::OK, Json(answer)).into_response(),
             &location,
@@ -315,14 +312,11 @@ fn run_inline(
     }
 }
 
-/// The stored form of an analysis that was stored finished, with its result's stored text beside
-/// it (moved, not copied).
-fn finished_record(
-    submission: &Submission,
-    analysis: NewAnalysis,
-) -> (AnalysisRecord, Option<Box<serde_json::value::RawValue>>) {
+/// The stored form of an analysis that was stored finished, with its result as the text it was
+/// stored as (moved, not copied).
+fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRecord {
     let finished = analysis.finished;
-    let record = AnalysisRecord {
+    AnalysisRecord {
         id: analysis.id.0,
         subject: analysis.subject,
         model_name: submission.model_name.clone(),
@@ -341,9 +335,8 @@ fn finished_record(
         progress_done: None,
         progress_total: None,
         timings: finished.as_ref().map(|f| f.timings.clone()),
-        result: None,
-    };
-    (record, finished.map(|f| f.result))
+        result: finished.map(|f| sqlx::types::Json(f.result)),
+    }
 }
 
 fn replay(stored: StoredAnswer, request_sha256: &str) -> ApiResult<Response> {
