@@ -717,9 +717,10 @@ impl Worker {
         }
         repo::jobs::notify_done(&mut tx, &done).await?;
         // Unlinked: the sealer links them into their tenants' chains after this commits.
+        let finished: std::collections::HashSet<Uuid> = done.iter().copied().collect();
         let records: Vec<repo::provenance::Stored> = successes
             .iter()
-            .filter(|s| done.contains(&s.job.analysis_id))
+            .filter(|s| finished.contains(&s.job.analysis_id))
             .map(|s| repo::provenance::Stored {
                 job: s.job,
                 result_sha256: crate::domain::provenance::text_digest(&s.result),

@@ -255,11 +255,10 @@ pub async fn find(
 ) -> sqlx::Result<Option<Link>> {
     sqlx::query_as!(
         Link,
-        r#"select p.analysis_id, p.seq, p.record, p.record_sha256, p.previous_sha256, p.chain_sha256,
-                  p.created_at, a.input_sha256 as "input_sha256?", r.result as "result?"
-           from provenance p
-           left join analyses a on a.id = p.analysis_id
-           left join results r on r.analysis_id = p.analysis_id
+        r#"select analysis_id as "analysis_id!", seq, record as "record!",
+                  record_sha256 as "record_sha256!", previous_sha256, chain_sha256,
+                  created_at as "created_at!", input_sha256 as "input_sha256?", result as "result?"
+           from provenance_links p
            where p.tenant_id = $1 and p.analysis_id = $2"#,
         tenant,
         analysis,
@@ -279,11 +278,10 @@ pub async fn chain_page(
 ) -> sqlx::Result<Vec<Link>> {
     sqlx::query_as!(
         Link,
-        r#"select p.analysis_id, p.seq, p.record, p.record_sha256, p.previous_sha256, p.chain_sha256,
-                  p.created_at, a.input_sha256 as "input_sha256?", r.result as "result?"
-           from provenance p
-           left join analyses a on a.id = p.analysis_id
-           left join results r on r.analysis_id = p.analysis_id
+        r#"select analysis_id as "analysis_id!", seq, record as "record!",
+                  record_sha256 as "record_sha256!", previous_sha256, chain_sha256,
+                  created_at as "created_at!", input_sha256 as "input_sha256?", result as "result?"
+           from provenance_links p
            where p.tenant_id = $1 and p.seq > $2 and p.seq <= $3
            order by p.seq
            limit $4"#,
@@ -300,11 +298,10 @@ pub async fn chain_page(
 pub async fn unsealed(db: impl PgExecutor<'_>, tenant: &str) -> sqlx::Result<Vec<Link>> {
     sqlx::query_as!(
         Link,
-        r#"select p.analysis_id, p.seq, p.record, p.record_sha256, p.previous_sha256, p.chain_sha256,
-                  p.created_at, a.input_sha256 as "input_sha256?", r.result as "result?"
-           from provenance p
-           left join analyses a on a.id = p.analysis_id
-           left join results r on r.analysis_id = p.analysis_id
+        r#"select analysis_id as "analysis_id!", seq, record as "record!",
+                  record_sha256 as "record_sha256!", previous_sha256, chain_sha256,
+                  created_at as "created_at!", input_sha256 as "input_sha256?", result as "result?"
+           from provenance_links p
            where p.tenant_id = $1 and p.seq is null
            order by p.created_at, p.analysis_id"#,
         tenant,
