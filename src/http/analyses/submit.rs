@@ -175,7 +175,7 @@ pub async fn create(
     // feature model) and store it finished; the answer then needs no queue, wake-up or read.
     let inline = wait.is_some() && state.config.worker && state.config.worker_inline;
     if inline && let Some((encoded, flags)) = prepared.row.take() {
-        prepared.analyses[0].finished = run_inline(&state, &prepared.model, encoded, flags);
+        prepared.analyses[0].finished = run_inline(&state, &prepared.model, encoded, flags).await;
     }
     let finished = prepared.analyses[0].finished.is_some();
     // Subscribed before the commit, so that a worker finishing at once is not missed.
@@ -268,7 +268,7 @@ fn with_location(mut response: Response, location: &str) -> Response {
 
 /// Runs the case now. `None` when that fails: the analysis is then queued, and the worker's
 /// retries and error reporting take over.
-fn run_inline(
+async fn run_inline(
     state: &AppState,
     model: &Arc<LoadedModel>,
     encoded: Vec<f64>,
@@ -278,14 +278,23 @@ fn run_inline(
     let now = || Utc::now().trunc_subsecs(6);
     let created_at = now();
     let provider = model.onnx.provider;
-    // Run here, on the request's own thread: one feature row is tens of microseconds of work, less
-    // than handing it to the blocking pool and back cost (two thread wake-ups, measured at about
-    // 14 % of onkos's CPU under `make bench`). A panic is caught as the pool's join would have.
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let work = move |model: &LoadedModel| {
         let started_at = now();
         let outcome = crate::jobs::worker::run_inline(model, &encoded, flags);
         (started_at, outcome, now())
-    }));
+    };
+    // On the CPU, run here, on the request's own thread: one feature row is tens of microseconds
+    // of work, less than handing it to the blocking pool and back cost (two thread wake-ups,
+    // measured at about 14 % of onkos's CPU under `make bench`). A panic is caught as the pool's
+    // join would have. A GPU session's call (a kernel launch and two copies) goes to the pool.
+    let run = if provider == crate::inference::CPU {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(model))).map_err(|_| ())
+    } else {
+        let model = Arc::clone(model);
+        tokio::task::spawn_blocking(move || work(&model))
+            .await
+            .map_err(|_| ())
+    };
     match run {
         Ok((started_at, Ok((result, timings)), finished_at)) => Some({
             if let Some(infer_ms) = timings.get("infer_ms").and_then(Value::as_f64) {
@@ -305,7 +314,7 @@ fn run_inline(
             tracing::warn!(error = %e, "inline run failed; the analysis goes to the queue");
             None
         }
-        Err(_) => {
+        Err(()) => {
             tracing::warn!("inline run panicked; the analysis goes to the queue");
             None
         }
