@@ -213,6 +213,30 @@ impl OnnxModel {
 
     /// Runs `rows` (row-major, `width` values each) and returns each row's outputs.
     pub fn predict(&self, rows: &[f64]) -> anyhow::Result<Vec<ModelOutputs>> {
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| anyhow!("an earlier inference panicked"))?;
+        self.predict_with(session, rows)
+    }
+
+    /// [`predict`](Self::predict) when the session is free; `None` at once when another call holds
+    /// it (for a caller that must not block its thread on it).
+    pub fn try_predict(&self, rows: &[f64]) -> Option<anyhow::Result<Vec<ModelOutputs>>> {
+        match self.session.try_lock() {
+            Ok(session) => Some(self.predict_with(session, rows)),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                Some(Err(anyhow!("an earlier inference panicked")))
+            }
+        }
+    }
+
+    fn predict_with(
+        &self,
+        mut session: std::sync::MutexGuard<'_, Session>,
+        rows: &[f64],
+    ) -> anyhow::Result<Vec<ModelOutputs>> {
         anyhow::ensure!(
             !rows.is_empty() && rows.len().is_multiple_of(self.width),
             "a batch of {} values is not a whole number of rows of {}",
@@ -220,10 +244,6 @@ impl OnnxModel {
             self.width
         );
         let n = rows.len() / self.width;
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| anyhow!("an earlier inference panicked"))?;
         let narrow: Vec<f32>;
         let outputs = match self.input_type {
             InputType::Float32 => {

@@ -86,27 +86,33 @@ async fn write_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>)
                     let _ = reply.send(Ok(analyses));
                 }
             }
-            // The database is gone: storing one by one would only wait for it once per entry.
-            Err(e) if crate::error::database_unreachable(&e) => {
+            // The database is gone (its check failed too): storing one by one would only wait for
+            // it once per entry.
+            Err(Failure::Unreachable(e)) => {
                 tracing::warn!(error = %e, submissions = group.len(), "the database is not reachable");
                 for (_, _, reply) in group.drain(..) {
                     let _ = reply.send(Err(IntakeError::Unavailable));
                 }
             }
-            Err(e) if group.len() == 1 => {
+            Err(Failure::Refused(e)) if group.len() == 1 => {
                 if let Some((_, _, reply)) = group.pop() {
                     let _ = reply.send(Err(e.into()));
                 }
             }
-            Err(e) => {
+            Err(Failure::Refused(e)) => {
                 // One bad submission must not fail its neighbours (other tenants' among them):
-                // store each on its own, so that only the bad one fails.
+                // store each on its own, so that only the bad one fails. A connection lost in
+                // doubt is settled here too: an entry whose row commits meanwhile fails on its key,
+                // and is then found stored.
                 tracing::warn!(error = %e, submissions = group.len(), "group commit failed; storing one by one");
                 for entry in group.drain(..) {
                     let outcome = write(&pool, std::slice::from_ref(&entry))
                         .await
                         .map(|()| entry.1)
-                        .map_err(IntakeError::from);
+                        .map_err(|failure| match failure {
+                            Failure::Unreachable(_) => IntakeError::Unavailable,
+                            Failure::Refused(e) => IntakeError::from(e),
+                        });
                     // The caller may have gone (client disconnected); the rows are stored regardless.
                     let _ = entry.2.send(outcome);
                 }
@@ -115,16 +121,26 @@ async fn write_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>)
     }
 }
 
+/// Why a group was not stored.
+enum Failure {
+    /// The statement failed and the database could not be asked whether it had committed.
+    Unreachable(sqlx::Error),
+    /// The statement failed and the database, asked afterwards, does not hold the group.
+    Refused(sqlx::Error),
+}
+
 /// Writes a group with one statement. When that fails, the commit may still have happened (the
 /// connection was lost after the server committed, before its answer arrived): the group is then
 /// looked for, and found stored means stored. The statement is atomic, so the first analysis of
 /// each submission stands for all of it; its id is a fresh random UUID, so nothing else stored it.
 /// Without this, the retry one by one would fail every submission on its own primary key.
-async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
+async fn write(pool: &PgPool, group: &[Entry]) -> Result<(), Failure> {
     let error = match write_once(pool, group).await {
         Ok(()) => return Ok(()),
         // No connection was had, so no statement was sent.
-        Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => return Err(e),
+        Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+            return Err(Failure::Unreachable(e));
+        }
         Err(e) => e,
     };
     let firsts: Vec<Uuid> = group
@@ -136,7 +152,11 @@ async fn write(pool: &PgPool, group: &[Entry]) -> sqlx::Result<()> {
             tracing::warn!(%error, submissions = group.len(), "the group was committed although its statement failed");
             Ok(())
         }
-        _ => Err(error),
+        Ok(_) => Err(Failure::Refused(error)),
+        Err(check) if crate::error::database_unreachable(&check) => {
+            Err(Failure::Unreachable(error))
+        }
+        Err(_) => Err(Failure::Refused(error)),
     }
 }
 

@@ -1084,15 +1084,38 @@ fn timings_document(t: &Timings) -> Value {
 
 /// Runs one checked input now, outside the queue, for a submitter who waits for it: the result
 /// document and timings, or why it could not be produced (the analysis is then queued instead,
-/// and a worker retries it). Blocking: call it off the async threads.
+/// and a worker retries it). With `wait`, it waits for the model's session when another call
+/// holds it (blocking: call it off the async threads); without, it answers `None` at once then.
 pub fn run_inline(
     model: &LoadedModel,
     encoded: &[f64],
-    flags: Vec<RangeFlag>,
-) -> Result<(Box<serde_json::value::RawValue>, Value), String> {
+    flags: &[RangeFlag],
+    wait: bool,
+) -> Option<Result<(Box<serde_json::value::RawValue>, Value), String>> {
     let started = Instant::now();
-    let outputs = model.onnx.predict(encoded).map_err(|e| format!("{e:#}"))?;
-    let infer_ms = started.elapsed().as_secs_f64() * 1e3;
+    let outputs = if wait {
+        model.onnx.predict(encoded)
+    } else {
+        model.onnx.try_predict(encoded)?
+    };
+    Some(outputs.map_err(|e| format!("{e:#}")).and_then(|outputs| {
+        inline_result(
+            model,
+            encoded,
+            flags,
+            &outputs,
+            started.elapsed().as_secs_f64() * 1e3,
+        )
+    }))
+}
+
+fn inline_result(
+    model: &LoadedModel,
+    encoded: &[f64],
+    flags: &[RangeFlag],
+    outputs: &[crate::domain::result::ModelOutputs],
+    infer_ms: f64,
+) -> Result<(Box<serde_json::value::RawValue>, Value), String> {
     let row = outputs
         .first()
         .ok_or("the model returned no row for the input")?;
@@ -1102,7 +1125,7 @@ pub fn run_inline(
         batch_size: 1,
         dispatch: "inline",
     };
-    let result = crate::domain::result::build(&model.manifest, row, encoded, flags)?;
+    let result = crate::domain::result::build(&model.manifest, row, encoded, flags.to_vec())?;
     Ok((
         crate::domain::result::canonical_text(&result)?,
         timings_document(&timings),

@@ -60,7 +60,11 @@ pub async fn get(
         crate::repo::analyses::find(&state.pool, &principal.tenant, id, Some(&principal.subject))
             .await?
             .ok_or(ApiError::NotFound)?;
-    let view = view(&state, record).await?;
+    let mut view = view(&state, record).await?;
+    // Parsed once here: the Bundle's parts each read the result as a tree.
+    view.result = view
+        .result
+        .map(|result| super::ResultDocument::Read(result.tree().into_owned()));
     Ok(fhir_response(&state, &headers, &view))
 }
 

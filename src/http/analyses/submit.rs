@@ -278,22 +278,33 @@ async fn run_inline(
     let now = || Utc::now().trunc_subsecs(6);
     let created_at = now();
     let provider = model.onnx.provider;
-    let work = move |model: &LoadedModel| {
+    let input = Arc::new((encoded, flags));
+    let work = move |model: &LoadedModel, input: &(Vec<f64>, Vec<RangeFlag>), wait: bool| {
         let started_at = now();
-        let outcome = crate::jobs::worker::run_inline(model, &encoded, flags);
-        (started_at, outcome, now())
+        crate::jobs::worker::run_inline(model, &input.0, &input.1, wait)
+            .map(|outcome| (started_at, outcome, now()))
     };
     // On the CPU, run here, on the request's own thread: one feature row is tens of microseconds
     // of work, less than handing it to the blocking pool and back cost (two thread wake-ups,
     // measured at about 14 % of onkos's CPU under `make bench`). A panic is caught as the pool's
-    // join would have. A GPU session's call (a kernel launch and two copies) goes to the pool.
-    let run = if provider == crate::inference::CPU {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(model))).map_err(|_| ())
-    } else {
-        let model = Arc::clone(model);
-        tokio::task::spawn_blocking(move || work(&model))
-            .await
+    // join would have. When the session is busy (the worker's batch holds it), or for a GPU
+    // session's call (a kernel launch and two copies), it goes to the pool, which may wait.
+    let here = if provider == crate::inference::CPU {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(model, &input, false)))
             .map_err(|_| ())
+    } else {
+        Ok(None)
+    };
+    let run = match here {
+        Ok(Some(done)) => Ok(done),
+        Err(()) => Err(()),
+        Ok(None) => {
+            let model = Arc::clone(model);
+            tokio::task::spawn_blocking(move || work(&model, &input, true))
+                .await
+                .map_err(|_| ())
+                .and_then(|done| done.ok_or(()))
+        }
     };
     match run {
         Ok((started_at, Ok((result, timings)), finished_at)) => Some({
