@@ -1,28 +1,7 @@
 //! CSV batches: one analysis per row, all rows or none, errors naming row and column.
 
-use crate::helpers::{MODEL, TestApp, assert_problem, reference_rows};
+use crate::helpers::{MODEL, TestApp, assert_problem, csv, reference_rows};
 use serde_json::Value;
-
-fn csv(rows: &[Value], break_cell: Option<(usize, &str, &str)>) -> String {
-    let names: Vec<String> = rows[0]["features"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    let mut out = format!("subject,{}\n", names.join(","));
-    for (i, row) in rows.iter().enumerate() {
-        let cells: Vec<String> = names
-            .iter()
-            .map(|n| match break_cell {
-                Some((r, column, value)) if r == i + 1 && column == n => value.to_owned(),
-                _ => row["features"][n].to_string(),
-            })
-            .collect();
-        out.push_str(&format!("case-{},{}\n", i + 1, cells.join(",")));
-    }
-    out
-}
 
 async fn post_csv(app: &TestApp, token: &str, query: &str, body: String) -> reqwest::Response {
     app.client

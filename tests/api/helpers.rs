@@ -396,3 +396,26 @@ pub fn zipped(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
     }
     out.finish().unwrap().into_inner()
 }
+
+/// A CSV batch of the rows' features, with a `subject` column (`case-1`, …). `break_cell`
+/// (1-based row, column, text) replaces one cell.
+pub fn csv(rows: &[Value], break_cell: Option<(usize, &str, &str)>) -> String {
+    let names: Vec<String> = rows[0]["features"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let mut out = format!("subject,{}\n", names.join(","));
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match break_cell {
+                Some((r, column, value)) if r == i + 1 && column == n => value.to_owned(),
+                _ => row["features"][n].to_string(),
+            })
+            .collect();
+        out.push_str(&format!("case-{},{}\n", i + 1, cells.join(",")));
+    }
+    out
+}

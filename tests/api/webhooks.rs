@@ -1,7 +1,7 @@
 //! Webhooks: signed deliveries from the durable outbox to a real HTTP receiver on 127.0.0.1,
 //! retried with backoff, recorded; and the event stream of one analysis.
 
-use crate::helpers::{TestApp, assert_problem, reference_rows};
+use crate::helpers::{MODEL, TestApp, assert_problem, csv, reference_rows};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
@@ -557,4 +557,57 @@ async fn open_event_streams_end_when_the_server_shuts_down() {
     while let Some(chunk) = stream.next().await {
         chunk.expect("the stream closes cleanly, not by the client's timeout");
     }
+}
+
+/// The outbox triggers see whole statements: a worker's completion of a batch, a CSV's rows. A
+/// statement of one row first, then statements of hundreds (the order in which a connection's
+/// cached plans used to be fixed, migration 0013): every row still gets its event, and a tenant
+/// without webhooks gets none.
+#[tokio::test]
+async fn every_row_of_a_large_batch_gets_its_events() {
+    let app = TestApp::spawn_with(|c| c.worker_batch_size = 256).await;
+    let oslo = app.token("oslo", "submitter");
+    let bergen = app.token("bergen", "submitter");
+    let (_receiver, url) = Receiver::start(&[]).await;
+    register(
+        &app,
+        &oslo,
+        &url,
+        &["analysis.queued", "analysis.running", "analysis.succeeded"],
+    )
+    .await;
+    app.submit(&oslo, &reference_rows()[0]["features"]).await;
+    assert_eq!(app.step().await, 1);
+
+    let rows: Vec<Value> = reference_rows().into_iter().cycle().take(300).collect();
+    let body = csv(&rows, None);
+    for token in [&oslo, &bergen] {
+        let response = app
+            .client
+            .post(format!("{}/v1/analyses?model={MODEL}", app.base))
+            .bearer_auth(token)
+            .header("content-type", "text/csv")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    assert_eq!(app.drain().await, 600);
+
+    let counts: Vec<(String, String, i64)> = sqlx::query_as(
+        "select tenant_id, event, count(*) from webhook_deliveries group by 1, 2 order by 1, 2",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let expected = ["analysis.queued", "analysis.running", "analysis.succeeded"]
+        .map(|event| ("oslo".to_owned(), event.to_owned(), 301));
+    assert_eq!(counts, expected, "one event per row and state, oslo only");
+    let distinct: i64 =
+        sqlx::query_scalar("select count(distinct (analysis_id, event)) from webhook_deliveries")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(distinct, 903, "no analysis's event written twice");
 }
