@@ -98,6 +98,8 @@ pub struct Config {
     pub slide_inference_threads: usize,
     /// Run the in-process worker in `serve`.
     pub worker: bool,
+    /// Most jobs of one model a worker claims, runs as one ONNX batch and stores in one
+    /// transaction. 256 is the knee measured for CSV batches on the development VM (BENCHMARKS.md).
     pub worker_batch_size: u32,
     pub worker_lease_secs: u32,
     pub worker_poll_ms: u64,
@@ -201,7 +203,7 @@ impl Default for Config {
             inference_threads: 1,
             slide_inference_threads: 0,
             worker: true,
-            worker_batch_size: 64,
+            worker_batch_size: 256,
             worker_lease_secs: 60,
             worker_poll_ms: 500,
             worker_batch_wait_ms: 0,

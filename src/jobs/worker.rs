@@ -22,6 +22,7 @@ use crate::telemetry::metrics::Metrics;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -741,14 +742,32 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, poll: Duration) {
         let mut listener = listen(&self.pool).await;
         tracing::info!(worker = %self.id, "worker started");
+        // A full claim means a backlog (a CSV batch, a pipeline's burst): that batch is run and
+        // stored in the background while the next is claimed and run, so that one batch's commit
+        // overlaps the next one's work instead of leaving the cores idle (BENCHMARKS.md,
+        // 2026-12-01). A claim that is not full runs here, as one step: a few waiting cases are
+        // not split into smaller batches.
+        let mut background: VecDeque<tokio::task::JoinHandle<anyhow::Result<usize>>> =
+            VecDeque::new();
         while !shutdown.is_cancelled() {
-            let finished = match self.step().await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(error = ?e, "worker step failed");
-                    0
+            let finished = match self.claim().await {
+                Ok(jobs) if jobs.len() as i64 >= self.batch_size => {
+                    let worker = self.clone();
+                    background.push_back(tokio::spawn(async move { worker.process(jobs).await }));
+                    if background.len() >= PIPELINED_BATCHES
+                        && let Some(oldest) = background.pop_front()
+                    {
+                        joined(oldest.await);
+                    }
+                    continue;
                 }
+                Ok(jobs) => self.process(jobs).await,
+                Err(e) => Err(e),
             };
+            let finished = finished.unwrap_or_else(|e| {
+                tracing::error!(error = ?e, "worker step failed");
+                0
+            });
             if finished > 0 {
                 continue;
             }
@@ -770,7 +789,22 @@ impl Worker {
                 }
             }
         }
+        for batch in background {
+            joined(batch.await);
+        }
         tracing::info!(worker = %self.id, "worker stopped");
+    }
+}
+
+/// Batches of one worker loop run at once under a backlog: one being stored while the next runs.
+const PIPELINED_BATCHES: usize = 2;
+
+/// Logs how a batch run in the background ended.
+fn joined(outcome: Result<anyhow::Result<usize>, tokio::task::JoinError>) {
+    match outcome {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = ?e, "worker step failed"),
+        Err(e) => tracing::error!(error = %e, "a worker's batch task ended abnormally"),
     }
 }
 

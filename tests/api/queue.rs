@@ -56,6 +56,52 @@ async fn concurrent_workers_never_claim_the_same_job() {
     assert_eq!(app.rows("results").await, 120);
 }
 
+/// Under a backlog a running worker keeps two batches in flight, one stored while the next runs.
+/// Stopping it finishes what it claimed (no job is left running on a lease), and every job runs
+/// exactly once.
+#[tokio::test]
+async fn a_worker_under_a_backlog_pipelines_batches_and_runs_each_job_once() {
+    let app = TestApp::spawn_with(|c| c.worker_batch_size = 5).await;
+    let token = app.token("oslo", "submitter");
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(app.submit(&token, &case()["features"]).await);
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(
+        app.worker
+            .clone()
+            .run(shutdown.clone(), Duration::from_secs(30)),
+    );
+    // The long poll ends when the first analysis is final; the worker is then stopped mid-backlog.
+    let first = app
+        .get_json(&format!("/v1/analyses/{}?wait=20s", ids[0]), &token)
+        .await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    shutdown.cancel();
+    running.await.unwrap();
+    let running_jobs: i64 = sqlx::query_scalar("select count(*) from jobs where state = 'running'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        running_jobs, 0,
+        "a stopped worker finishes the batches it claimed"
+    );
+
+    app.drain().await;
+    let attempts: Vec<i32> = sqlx::query_scalar("select attempts from jobs where state = 'done'")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        attempts,
+        vec![1; 40],
+        "every job done, each on its first attempt"
+    );
+    assert_eq!(app.rows("results").await, 40);
+}
+
 async fn futures_join(
     workers: &[onkos::jobs::worker::Worker],
 ) -> Vec<Vec<onkos::repo::jobs::ClaimedJob>> {
