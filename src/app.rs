@@ -6,6 +6,7 @@ use crate::db::Database;
 use crate::inference::SessionOptions;
 use crate::jobs::completions::Completions;
 use crate::jobs::intake::Intake;
+use crate::jobs::reads::Reads;
 use crate::jobs::webhooks::Deliverer;
 use crate::jobs::worker::Worker;
 use crate::registry::Registry;
@@ -31,6 +32,8 @@ pub struct App {
     pub completions: Completions,
     /// Group commit for submissions.
     pub intake: Intake,
+    /// Audited reads of single analyses, grouped into one statement each (`jobs/reads.rs`).
+    pub reads: Reads,
     /// Model files and slides.
     pub blobs: BlobStore,
     pub metrics: Arc<Metrics>,
@@ -107,6 +110,7 @@ impl Application {
         let deliverer = Deliverer::new(pool.clone(), &config)?;
         let completions = Completions::default();
         let intake = Intake::start(pool.clone());
+        let reads = Reads::start(pool.clone());
         let limiter = crate::http::limit::Limiter::from_config(&config);
         let state = AppState(Arc::new(App {
             config,
@@ -115,6 +119,7 @@ impl Application {
             verifier,
             completions,
             intake,
+            reads,
             blobs,
             metrics,
             stopping: CancellationToken::new(),

@@ -2,6 +2,7 @@
 
 pub mod completions;
 pub mod intake;
+pub mod reads;
 pub mod retry;
 pub mod sealer;
 pub mod webhooks;

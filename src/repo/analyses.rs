@@ -231,7 +231,7 @@ impl Queued {
 }
 
 /// An analysis with its result, as stored.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AnalysisRecord {
     pub id: Uuid,
     pub subject: Option<String>,
@@ -265,14 +265,48 @@ pub async fn find(
     id: AnalysisId,
     reader: Option<&str>,
 ) -> sqlx::Result<Option<AnalysisRecord>> {
-    sqlx::query_as!(
-        AnalysisRecord,
-        r#"with audit as (
+    let read = Read {
+        tenant: tenant.clone(),
+        id: id.0,
+        reader: reader.map(str::to_owned),
+    };
+    Ok(find_many(db, std::slice::from_ref(&read))
+        .await?
+        .into_iter()
+        .next()
+        .map(|(_, record)| record))
+}
+
+/// A read of one analysis: which analysis of which tenant, and who reads it (`None`: a look
+/// that is not a delivery, such as a long poll's check, and is not audited).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Read {
+    pub tenant: TenantId,
+    pub id: Uuid,
+    pub reader: Option<String>,
+}
+
+/// Several reads in one statement: each read with a reader of an analysis that exists in its
+/// tenant is recorded in the audit trail, and the analyses found are returned with their tenants
+/// (once each, in no particular order; another tenant's analysis is not found).
+pub async fn find_many(
+    db: impl PgExecutor<'_>,
+    reads: &[Read],
+) -> sqlx::Result<Vec<(String, AnalysisRecord)>> {
+    let tenants: Vec<&str> = reads.iter().map(|r| r.tenant.as_str()).collect();
+    let ids: Vec<Uuid> = reads.iter().map(|r| r.id).collect();
+    let readers: Vec<Option<&str>> = reads.iter().map(|r| r.reader.as_deref()).collect();
+    let rows = sqlx::query!(
+        r#"with wanted as (
+               select * from unnest($1::text[], $2::uuid[], $3::text[]) as w(tenant_id, id, actor)
+           ), audit as (
                insert into audit_events (tenant_id, actor, action, target_type, target_id)
-               select $1, $3, 'analysis.read', 'analysis', $2::uuid::text
-               where $3::text is not null and exists (select 1 from analyses where tenant_id = $1 and id = $2)
+               select w.tenant_id, w.actor, 'analysis.read', 'analysis', w.id::text
+               from wanted w
+               where w.actor is not null
+                 and exists (select 1 from analyses a where a.tenant_id = w.tenant_id and a.id = w.id)
            )
-           select a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
+           select a.tenant_id, a.id, a.subject, a.model_name, a.model_version, a.model_sha256, a.priority,
                   case when a.status = 'queued' and j.state = 'running' then 'running' else a.status end as "status!",
                   a.input_sha256, a.error, a.validate_ms, a.created_at,
                   coalesce(a.started_at, j.started_at) as started_at, a.finished_at,
@@ -281,13 +315,40 @@ pub async fn find(
            from analyses a
            left join jobs j on j.analysis_id = a.id
            left join results r on r.analysis_id = a.id
-           where a.tenant_id = $1 and a.id = $2"#,
-        tenant.as_str(),
-        id.0,
-        reader,
+           where (a.tenant_id, a.id) in (select tenant_id, id from wanted)"#,
+        &tenants as &[&str],
+        &ids,
+        &readers as &[Option<&str>],
     )
-    .fetch_optional(db)
-    .await
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let record = AnalysisRecord {
+                id: r.id,
+                subject: r.subject,
+                model_name: r.model_name,
+                model_version: r.model_version,
+                model_sha256: r.model_sha256,
+                priority: r.priority,
+                status: r.status,
+                input_sha256: r.input_sha256,
+                error: r.error,
+                validate_ms: r.validate_ms,
+                created_at: r.created_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                batch_id: r.batch_id,
+                result: r.result,
+                timings: r.timings,
+                execution_provider: r.execution_provider,
+                progress_done: r.progress_done,
+                progress_total: r.progress_total,
+            };
+            (r.tenant_id, record)
+        })
+        .collect())
 }
 
 #[derive(Debug)]

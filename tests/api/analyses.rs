@@ -237,3 +237,66 @@ async fn a_malformed_analysis_id_is_a_404_problem() {
     let token = app.token("oslo", "clinician");
     assert_problem(app.get("/v1/analyses/12345", &token).await, 404).await;
 }
+
+/// Reads that arrive together are served by one statement (jobs/reads.rs): every reader still
+/// gets its own analysis, each read is audited once (two reads of one analysis both), and another
+/// tenant's analysis stays not found and unaudited.
+#[tokio::test]
+async fn concurrent_reads_each_get_their_analysis_and_each_is_audited() {
+    let app = TestApp::spawn().await;
+    let oslo = app.token("oslo", "submitter");
+    let bergen = app.token("bergen", "submitter");
+    let rows = reference_rows();
+    let mut ids = Vec::new();
+    for row in rows.iter().take(10) {
+        ids.push(app.submit(&oslo, &row["features"]).await);
+    }
+    let other = app.submit(&bergen, &rows[0]["features"]).await;
+    assert_eq!(app.drain().await, 11);
+    let alone: Vec<Value> = {
+        let mut alone = Vec::new();
+        for id in &ids {
+            alone.push(app.get_json(&format!("/v1/analyses/{id}"), &oslo).await);
+        }
+        alone
+    };
+
+    // Each analysis three times, and bergen's five times by oslo, all at once.
+    let wanted: Vec<&String> = ids
+        .iter()
+        .cycle()
+        .take(30)
+        .chain(std::iter::repeat_n(&other, 5))
+        .collect();
+    let (app_ref, token) = (&app, &oslo);
+    let answers = futures_util::future::join_all(wanted.iter().map(|id| async move {
+        let response = app_ref.get(&format!("/v1/analyses/{id}"), token).await;
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
+    }))
+    .await;
+    for (id, (status, body)) in wanted.iter().zip(&answers) {
+        if **id == other {
+            assert_eq!(*status, 404, "{body}");
+            continue;
+        }
+        assert_eq!(*status, 200, "{body}");
+        let first = ids.iter().position(|i| i == *id).unwrap();
+        assert_eq!(body, &alone[first], "the same answer as a read alone");
+    }
+    let audited: Vec<(String, i64)> = sqlx::query_as(
+        "select target_id, count(*) from audit_events where action = 'analysis.read'
+         group by 1 order by 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut expected: Vec<(String, i64)> = ids.iter().map(|id| (id.clone(), 4)).collect();
+    expected.sort();
+    assert_eq!(
+        audited, expected,
+        "one event per read; none for the refused ones"
+    );
+}

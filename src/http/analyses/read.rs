@@ -136,7 +136,9 @@ pub(crate) async fn read_when_final(
             break;
         }
     }
-    repo::analyses::find(&state.pool, &principal.tenant, id, Some(&principal.subject))
+    state
+        .reads
+        .find(&principal.tenant, id, &principal.subject)
         .await?
         .ok_or(ApiError::NotFound)
 }

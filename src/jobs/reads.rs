@@ -1,0 +1,114 @@
+//! Audited reads, grouped. Every read of an analysis's result is recorded in the audit trail, so a
+//! read is a write: a statement and a commit (an fsync) of its own. Under load that is most of what
+//! a waiting submitter on the queue path costs the database: many submitters are woken by one
+//! batch's completion and all read at once. Here concurrent reads queue, and a few reader tasks
+//! each take whatever has queued up and serve it with one statement (`repo::analyses::find_many`);
+//! when idle a group is a single read, so nothing waits for company. The same shape as the intake
+//! (`intake.rs`).
+
+use crate::domain::ids::{AnalysisId, TenantId};
+use crate::repo;
+use crate::repo::analyses::{AnalysisRecord, Read};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+/// Most reads served by one statement.
+const MAX_GROUP: usize = 256;
+/// Statements in flight at once: while one waits for its commit, the next group is being read.
+const READERS: usize = 2;
+
+type Reply = oneshot::Sender<sqlx::Result<Option<AnalysisRecord>>>;
+type Entry = (Read, Reply);
+
+#[derive(Debug, Clone)]
+pub struct Reads {
+    queue: mpsc::Sender<Entry>,
+}
+
+impl Reads {
+    /// Starts the reader tasks; they end when the last `Reads` handle is dropped.
+    pub fn start(pool: PgPool) -> Self {
+        let (queue, incoming) = mpsc::channel(4 * MAX_GROUP);
+        let incoming = Arc::new(Mutex::new(incoming));
+        for _ in 0..READERS {
+            tokio::spawn(read_groups(pool.clone(), Arc::clone(&incoming)));
+        }
+        Self { queue }
+    }
+
+    /// One analysis of `tenant`, its read by `reader` recorded in the audit trail when it exists
+    /// there (a refused read is not a read). As `repo::analyses::find` with a reader.
+    pub async fn find(
+        &self,
+        tenant: &TenantId,
+        id: AnalysisId,
+        reader: &str,
+    ) -> sqlx::Result<Option<AnalysisRecord>> {
+        let (reply, answer) = oneshot::channel();
+        let read = Read {
+            tenant: tenant.clone(),
+            id: id.0,
+            reader: Some(reader.to_owned()),
+        };
+        self.queue
+            .send((read, reply))
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn read_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>) {
+    let mut group: Vec<Entry> = Vec::with_capacity(MAX_GROUP);
+    while incoming.lock().await.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let reads: Vec<Read> = group.iter().map(|(read, _)| read.clone()).collect();
+        match repo::analyses::find_many(&pool, &reads).await {
+            Ok(found) => {
+                let mut found: HashMap<(String, Uuid), AnalysisRecord> = found
+                    .into_iter()
+                    .map(|(tenant, record)| ((tenant, record.id), record))
+                    .collect();
+                // Two reads of one analysis in a group (each audited) get a copy each.
+                let mut wanted: HashMap<(String, Uuid), usize> = HashMap::new();
+                for read in &reads {
+                    *wanted.entry(key(read)).or_default() += 1;
+                }
+                for (read, (_, reply)) in reads.iter().zip(group.drain(..)) {
+                    let key = key(read);
+                    let left = wanted.get_mut(&key).map_or(0, |n| {
+                        *n -= 1;
+                        *n
+                    });
+                    let record = if left > 0 {
+                        found.get(&key).cloned()
+                    } else {
+                        found.remove(&key)
+                    };
+                    let _ = reply.send(Ok(record));
+                }
+            }
+            // Nothing of the group was stored (one statement); each read is tried on its own, so
+            // that one failing read does not fail the others.
+            Err(e) => {
+                tracing::warn!(error = %e, reads = group.len(), "grouped read failed; reading one by one");
+                for (read, (_, reply)) in reads.iter().zip(group.drain(..)) {
+                    let outcome = repo::analyses::find(
+                        &pool,
+                        &read.tenant,
+                        AnalysisId(read.id),
+                        read.reader.as_deref(),
+                    )
+                    .await;
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+fn key(read: &Read) -> (String, Uuid) {
+    (read.tenant.as_str().to_owned(), read.id)
+}
