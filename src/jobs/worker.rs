@@ -36,7 +36,7 @@ type Checked = (Vec<f64>, Vec<RangeFlag>);
 #[derive(Debug, Clone)]
 enum Attempt {
     Done {
-        result: Value,
+        result: Document,
         timings: Value,
         /// Slide analyses: the per-tile scores.
         tiles: Option<Box<TileScores>>,
@@ -45,6 +45,32 @@ enum Attempt {
     Transient(String),
     /// Will never succeed (the stored input breaks the contract).
     Permanent(String),
+}
+
+/// A result as it comes out of a run: a tree (slides and bags, assembled in parts), or already
+/// its canonical text (feature rows, written straight from the typed result, as the inline path
+/// does: no tree is built).
+#[derive(Debug, Clone)]
+enum Document {
+    Tree(Value),
+    Canonical(Box<serde_json::value::RawValue>),
+}
+
+impl Document {
+    /// The canonical text that is stored and digested.
+    fn canonical(self) -> Box<serde_json::value::RawValue> {
+        match self {
+            Self::Tree(tree) => crate::domain::provenance::canonical_text(&tree),
+            Self::Canonical(text) => text,
+        }
+    }
+
+    fn into_tree(self) -> Result<Value, String> {
+        match self {
+            Self::Tree(tree) => Ok(tree),
+            Self::Canonical(text) => serde_json::from_str(text.get()).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -462,7 +488,7 @@ impl Worker {
                 });
                 match serde_json::to_value(&result) {
                     Ok(result) => Attempt::Done {
-                        result,
+                        result: Document::Tree(result),
                         timings,
                         tiles: Some(Box::new(tiles)),
                     },
@@ -568,8 +594,12 @@ impl Worker {
             }
         };
         let encoded = self.run_slide(&encoder, job).await;
-        let Attempt::Done { result: slide, .. } = encoded else {
-            return encoded;
+        let slide = match encoded {
+            Attempt::Done { result, .. } => match result.into_tree() {
+                Ok(tree) => tree,
+                Err(e) => return Attempt::Permanent(format!("the encoder's result: {e}")),
+            },
+            other => return other,
         };
         let bag = slide["slide"]["embeddings"]
             .as_str()
@@ -579,18 +609,21 @@ impl Worker {
         }
         match self.classify_bag(model, job, bag).await {
             Attempt::Done {
-                mut result,
+                result,
                 timings,
                 tiles,
-            } => {
-                result["slide"] = slide["slide"].clone();
-                result["stages"] = slide["stages"].clone();
-                Attempt::Done {
-                    result,
-                    timings,
-                    tiles,
+            } => match result.into_tree() {
+                Ok(mut result) => {
+                    result["slide"] = slide["slide"].clone();
+                    result["stages"] = slide["stages"].clone();
+                    Attempt::Done {
+                        result: Document::Tree(result),
+                        timings,
+                        tiles,
+                    }
                 }
-            }
+                Err(e) => Attempt::Permanent(format!("the bag's result: {e}")),
+            },
             other => other,
         }
     }
@@ -657,7 +690,7 @@ impl Worker {
                     }
                     successes.push(Success {
                         job,
-                        result: crate::domain::provenance::canonical_text(&result),
+                        result: result.canonical(),
                         timings,
                     });
                     if let Some(scores) = scores {
@@ -1089,7 +1122,7 @@ fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f6
     };
     match serde_json::to_value(&result) {
         Ok(result) => Attempt::Done {
-            result,
+            result: Document::Tree(result),
             timings: json!({ "queue_wait_ms": wait_ms, "infer_ms": infer_ms,
                              "batch_size": bag.tiles, "dispatch": "queue" }),
             tiles,
@@ -1098,17 +1131,17 @@ fn bag_result(model: &LoadedModel, id: Uuid, path: &std::path::Path, wait_ms: f6
     }
 }
 
-/// The stored result and timings of one analysis.
+/// The stored result (its canonical text) and timings of one analysis.
 fn result_document(
     model: &LoadedModel,
     outputs: &ModelOutputs,
     encoded: &[f64],
     flags: Vec<RangeFlag>,
     t: &Timings,
-) -> Result<(Value, Value), String> {
+) -> Result<(Document, Value), String> {
     let result = crate::domain::result::build(&model.manifest, outputs, encoded, flags)?;
-    let document = serde_json::to_value(result).map_err(|e| e.to_string())?;
-    Ok((document, timings_document(t)))
+    let text = crate::domain::result::canonical_text(&result)?;
+    Ok((Document::Canonical(text), timings_document(t)))
 }
 
 fn timings_document(t: &Timings) -> Value {
