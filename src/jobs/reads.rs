@@ -64,6 +64,11 @@ impl Reads {
 async fn read_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>) {
     let mut group: Vec<Entry> = Vec::with_capacity(MAX_GROUP);
     while incoming.lock().await.recv_many(&mut group, MAX_GROUP).await > 0 {
+        // A read whose requester has gone (client disconnected) is not delivered, so not audited.
+        group.retain(|(_, reply)| !reply.is_closed());
+        if group.is_empty() {
+            continue;
+        }
         let reads: Vec<Read> = group.iter().map(|(read, _)| read.clone()).collect();
         match repo::analyses::find_many(&pool, &reads).await {
             Ok(found) => {
@@ -90,23 +95,54 @@ async fn read_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>) 
                     let _ = reply.send(Ok(record));
                 }
             }
-            // Nothing of the group was stored (one statement); each read is tried on its own, so
-            // that one failing read does not fail the others.
             Err(e) => {
-                tracing::warn!(error = %e, reads = group.len(), "grouped read failed; reading one by one");
-                for (read, (_, reply)) in reads.iter().zip(group.drain(..)) {
-                    let outcome = repo::analyses::find(
-                        &pool,
-                        &read.tenant,
-                        AnalysisId(read.id),
-                        read.reader.as_deref(),
-                    )
-                    .await;
-                    let _ = reply.send(outcome);
-                }
+                tracing::warn!(error = %e, reads = group.len(), "grouped read failed");
+                let entries: Vec<(Read, Reply)> = reads
+                    .into_iter()
+                    .zip(group.drain(..).map(|(_, reply)| reply))
+                    .collect();
+                settle(&pool, &e, entries).await;
             }
         }
     }
+}
+
+/// Answers the reads of a group whose statement failed, by what the failure says about it.
+/// - The statement was refused (an error from the database itself, not a lost connection):
+///   nothing of it was committed, so each read is tried on its own, all at once, and only a read
+///   that fails again fails.
+/// - A row could not be decoded: the statement ran and its audit events are committed, so the
+///   reads are tried again without a reader (not audited twice).
+/// - Anything else (the database unreachable, a connection lost in doubt): each read gets that
+///   error at once (503), instead of each waiting out its own connection timeout in turn.
+async fn settle(pool: &PgPool, error: &sqlx::Error, entries: Vec<(Read, Reply)>) {
+    let retry_audited =
+        matches!(error, sqlx::Error::Database(_)) && !crate::error::database_unreachable(error);
+    let retry_unaudited = matches!(
+        error,
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }
+    );
+    if !(retry_audited || retry_unaudited) {
+        let unreachable = crate::error::database_unreachable(error);
+        for (_, reply) in entries {
+            let _ = reply.send(Err(if unreachable {
+                sqlx::Error::PoolTimedOut
+            } else {
+                sqlx::Error::Protocol(format!("the grouped read failed: {error}"))
+            }));
+        }
+        return;
+    }
+    futures_util::future::join_all(entries.into_iter().map(|(read, reply)| async move {
+        let reader = if retry_audited {
+            read.reader.as_deref()
+        } else {
+            None
+        };
+        let outcome = repo::analyses::find(pool, &read.tenant, AnalysisId(read.id), reader).await;
+        let _ = reply.send(outcome);
+    }))
+    .await;
 }
 
 fn key(read: &Read) -> (String, Uuid) {

@@ -782,15 +782,35 @@ impl Worker {
         // not split into smaller batches.
         let mut background: VecDeque<tokio::task::JoinHandle<anyhow::Result<usize>>> =
             VecDeque::new();
+        let mut back_off = false;
         while !shutdown.is_cancelled() {
+            // Batches that ended in the background are looked at now, not when next joined: a
+            // failure is logged at once, and the loop backs off as after a failed step instead of
+            // claiming batch after batch into a failing store.
+            while let Some(i) = background
+                .iter()
+                .position(tokio::task::JoinHandle::is_finished)
+            {
+                if let Some(ended) = background.remove(i) {
+                    back_off |= !joined(ended.await);
+                }
+            }
+            if std::mem::take(&mut back_off) {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
             let finished = match self.claim().await {
-                Ok(jobs) if jobs.len() as i64 >= self.batch_size => {
+                // A batch size of one makes every claim full: that is no backlog (and a slide
+                // must run alone), so only a full batch of several runs in the background.
+                Ok(jobs) if self.batch_size > 1 && jobs.len() as i64 >= self.batch_size => {
                     let worker = self.clone();
                     background.push_back(tokio::spawn(async move { worker.process(jobs).await }));
                     if background.len() >= PIPELINED_BATCHES
                         && let Some(oldest) = background.pop_front()
                     {
-                        joined(oldest.await);
+                        back_off |= !joined(oldest.await);
                     }
                     continue;
                 }
@@ -823,7 +843,7 @@ impl Worker {
             }
         }
         for batch in background {
-            joined(batch.await);
+            let _ = joined(batch.await);
         }
         tracing::info!(worker = %self.id, "worker stopped");
     }
@@ -832,12 +852,18 @@ impl Worker {
 /// Batches of one worker loop run at once under a backlog: one being stored while the next runs.
 const PIPELINED_BATCHES: usize = 2;
 
-/// Logs how a batch run in the background ended.
-fn joined(outcome: Result<anyhow::Result<usize>, tokio::task::JoinError>) {
+/// Logs how a batch run in the background ended; whether it ended well.
+fn joined(outcome: Result<anyhow::Result<usize>, tokio::task::JoinError>) -> bool {
     match outcome {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = ?e, "worker step failed"),
-        Err(e) => tracing::error!(error = %e, "a worker's batch task ended abnormally"),
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = ?e, "worker step failed");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a worker's batch task ended abnormally");
+            false
+        }
     }
 }
 
