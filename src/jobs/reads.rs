@@ -72,27 +72,13 @@ async fn read_groups(pool: PgPool, incoming: Arc<Mutex<mpsc::Receiver<Entry>>>) 
         let reads: Vec<Read> = group.iter().map(|(read, _)| read.clone()).collect();
         match repo::analyses::find_many(&pool, &reads).await {
             Ok(found) => {
-                let mut found: HashMap<(String, Uuid), AnalysisRecord> = found
+                let found: HashMap<(String, Uuid), AnalysisRecord> = found
                     .into_iter()
                     .map(|(tenant, record)| ((tenant, record.id), record))
                     .collect();
-                // Two reads of one analysis in a group (each audited) get a copy each.
-                let mut wanted: HashMap<(String, Uuid), usize> = HashMap::new();
-                for read in &reads {
-                    *wanted.entry(key(read)).or_default() += 1;
-                }
+                // Each read gets its own copy: two reads of one analysis in a group are two reads.
                 for (read, (_, reply)) in reads.iter().zip(group.drain(..)) {
-                    let key = key(read);
-                    let left = wanted.get_mut(&key).map_or(0, |n| {
-                        *n -= 1;
-                        *n
-                    });
-                    let record = if left > 0 {
-                        found.get(&key).cloned()
-                    } else {
-                        found.remove(&key)
-                    };
-                    let _ = reply.send(Ok(record));
+                    let _ = reply.send(Ok(found.get(&key(read)).cloned()));
                 }
             }
             Err(e) => {

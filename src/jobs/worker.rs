@@ -371,8 +371,8 @@ impl Worker {
                             dispatch: "queue",
                         };
                         match result_document(&model, &row, &encoded, flags, &timings) {
-                            Ok((result, timings)) => Attempt::Done {
-                                result,
+                            Ok((text, timings)) => Attempt::Done {
+                                result: Document::Canonical(text),
                                 timings,
                                 tiles: None,
                             },
@@ -1164,10 +1164,12 @@ fn result_document(
     encoded: &[f64],
     flags: Vec<RangeFlag>,
     t: &Timings,
-) -> Result<(Document, Value), String> {
+) -> Result<(Box<serde_json::value::RawValue>, Value), String> {
     let result = crate::domain::result::build(&model.manifest, outputs, encoded, flags)?;
-    let text = crate::domain::result::canonical_text(&result)?;
-    Ok((Document::Canonical(text), timings_document(t)))
+    Ok((
+        crate::domain::result::canonical_text(&result)?,
+        timings_document(t),
+    ))
 }
 
 fn timings_document(t: &Timings) -> Value {
@@ -1218,9 +1220,5 @@ fn inline_result(
         batch_size: 1,
         dispatch: "inline",
     };
-    let result = crate::domain::result::build(&model.manifest, row, encoded, flags.to_vec())?;
-    Ok((
-        crate::domain::result::canonical_text(&result)?,
-        timings_document(&timings),
-    ))
+    result_document(model, row, encoded, flags.to_vec(), &timings)
 }

@@ -279,7 +279,7 @@ pub async fn find(
 
 /// A read of one analysis: which analysis of which tenant, and who reads it (`None`: a look
 /// that is not a delivery, such as a long poll's check, and is not audited).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub struct Read {
     pub tenant: TenantId,
     pub id: Uuid,
