@@ -28,4 +28,6 @@ fn main() {
         println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-env-changed=BUILD_CODE_VERSION");
+    // sqlx::migrate! embeds the migrations folder: a new migration must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
 }

@@ -648,6 +648,17 @@ async fn serve_runs_a_waiting_case_inline_and_stores_it_finished_with_its_read()
         .await
         .unwrap();
     assert_eq!(actor, ("tester".into(), "analysis.read".into()));
+    // The result row is over the 2 kB at which PostgreSQL moves columns out of line: nothing of it
+    // went to the TOAST table (a second heap and index insert per result, migration 0014).
+    let (in_row, toasted): (i32, i64) = sqlx::query_as(
+        "select (select pg_column_size(r) from results r),
+                (select pg_relation_size(reltoastrelid) from pg_class where oid = 'results'::regclass)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(in_row > 2048, "the result row is {in_row} B");
+    assert_eq!(toasted, 0, "the results' TOAST table holds {toasted} B");
     // What was answered is what is stored.
     let stored: Value = app.get(&location, &token).await.json().await.unwrap();
     assert_eq!(stored, delivered);
