@@ -227,8 +227,14 @@ impl Application {
                 }
             })
         });
+        // Answers go out at once, not held back by Nagle's algorithm for an ACK.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/../.."
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${BENCH_SECONDS:-10}
-CLIENTS=${BENCH_CLIENTS:-64}
+# 128: the knee of the inline path on the 2-core VM (BENCHMARKS.md, 2026-12-02): from 64 to 128
+# clients throughput rises by a tenth to a fifth, beyond it mostly latency grows.
+CLIENTS=${BENCH_CLIENTS:-128}
 PORT=${BENCH_PORT:-18080}
 BIN=target/release/onkos
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/target/onnxruntime-1.31.1/libonnxruntime.so.1.31.1}
@@ -45,8 +47,12 @@ echo "insert into bench_insert (v) values ('x');" > "$DATA/insert.sql"
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : > "$DATA/onkos" ; : > "$DATA/p50" ; : > "$DATA/p99" ; : > "$DATA/pg" ; : > "$DATA/ort"
 for round in $(seq "$ROUNDS"); do
+  # Each part starts from a checkpoint, so that neither is measured while the checkpoint that the
+  # other's writes triggered runs beside it (up to a GB of dirty pages written back).
+  "${PSQL[@]}" -c "checkpoint"
   "$PGBIN/pgbench" -h "$SOCKET" -U onkos -n -c "$CLIENTS" -j 2 -T "$DURATION" -f "$DATA/insert.sql" onkos 2>/dev/null \
     | awk '/^tps/ {print $3}' >> "$DATA/pg"
+  "${PSQL[@]}" -c "checkpoint"
   line=$(wrk -t2 -c"$CLIENTS" -d"${DURATION}s" --timeout 60s -s tests/bench/submit.lua \
     "http://127.0.0.1:$PORT/v1/analyses?wait=30s" | grep '^RESULT')
   echo "round $round: $line pgbench_tps=$(tail -1 "$DATA/pg")"
