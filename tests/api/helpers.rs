@@ -68,6 +68,12 @@ pub async fn fresh_database() -> PgPool {
 
 /// A fresh database and a URL other processes can reach it by.
 pub async fn fresh_database_named() -> (PgPool, String) {
+    let (options, url) = fresh_database_options().await;
+    (onkos::db::pool(options, 8).await.unwrap(), url)
+}
+
+/// A fresh, migrated database: how to reach it, and its URL for other processes.
+pub async fn fresh_database_options() -> (sqlx::postgres::PgConnectOptions, String) {
     let server = cluster().await;
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect_with(&server.options("postgres"))
@@ -79,10 +85,7 @@ pub async fn fresh_database_named() -> (PgPool, String) {
     .execute(&mut admin)
     .await
     .unwrap();
-    (
-        onkos::db::pool(server.options(&name), 8).await.unwrap(),
-        server.url(&name),
-    )
+    (server.options(&name), server.url(&name))
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
@@ -138,10 +141,19 @@ impl TestApp {
     }
 
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let (pool, database_url) = fresh_database_named().await;
+        Self::spawn_on(pool, database_url, adjust).await
+    }
+
+    /// As `spawn_with`, on the caller's pool of a fresh database (one that reaches it another way).
+    pub async fn spawn_on(
+        pool: PgPool,
+        database_url: String,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = test_config(data_dir.path());
         adjust(&mut config);
-        let (pool, database_url) = fresh_database_named().await;
         let app = Application::with_pool(config.clone(), pool.clone())
             .await
             .expect("build the application");

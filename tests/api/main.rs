@@ -17,6 +17,7 @@ mod models;
 mod moto;
 mod openapi;
 mod openslide;
+mod outage;
 mod provenance;
 mod queue;
 mod registry;
