@@ -208,11 +208,16 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if let Self::TooManyRequests(wait) = &this {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(*wait)),
-            );
+        let retry_after = match &this {
+            Self::TooManyRequests(wait) => Some(retry_after_secs(*wait)),
+            // Passing: the database restarting or failing over, a full table of event streams.
+            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if status == StatusCode::UNAUTHORIZED {
             response
@@ -222,6 +227,9 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// What a 503 asks a client to wait before it tries again.
+const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
 
 /// Whole seconds (Retry-After has no fractions), rounded up, at least 1.
 fn retry_after_secs(wait: std::time::Duration) -> u64 {

@@ -1,5 +1,5 @@
 //! The database goes away under a running service, and comes back. Meanwhile requests are
-//! answered 503 problem+json at once, not after a timeout each; nothing of them is stored or
+//! answered 503 problem+json with a Retry-After at once, not after a timeout each; nothing of them is stored or
 //! audited; readiness says why. When the database returns, the same process serves again, without
 //! a restart.
 //!
@@ -80,6 +80,7 @@ async fn while_the_database_is_gone_requests_are_503_at_once_and_the_process_ser
     // Reads arriving together share one statement: the group's failure answers each of them.
     let reads = futures_util::future::join_all((0..8).map(|_| app.get(&path, &token))).await;
     for read in reads {
+        assert_eq!(read.headers()["retry-after"], "2");
         let problem = assert_problem(read, 503).await;
         assert!(
             problem["detail"]
@@ -91,6 +92,7 @@ async fn while_the_database_is_gone_requests_are_503_at_once_and_the_process_ser
     let long_poll = app.get(&format!("{path}?wait=20s"), &token).await;
     assert_problem(long_poll, 503).await;
     let submitted = app.post_json("/v1/analyses", &token, &case()).await;
+    assert_eq!(submitted.headers()["retry-after"], "2");
     assert_problem(submitted, 503).await;
     let waited = app
         .post_json("/v1/analyses?wait=20s", &token, &case())
