@@ -210,7 +210,8 @@ impl IntoResponse for ApiError {
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         let retry_after = match &this {
             Self::TooManyRequests(wait) => Some(retry_after_secs(*wait)),
-            // Passing: the database restarting or failing over, a full table of event streams.
+            // A 503 is something that may pass: the database restarting or failing over, a full
+            // table of event streams, a blob store that is full or unreachable.
             Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             _ => None,
         };
