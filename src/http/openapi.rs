@@ -75,7 +75,8 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Every `/v1` operation may answer 429 when the client's rate limit is spent.
+/// Every `/v1` operation may answer 429 when the client's rate limit is spent; both it and the
+/// 503s operations declare carry Retry-After.
 struct RateLimited;
 
 impl Modify for RateLimited {
@@ -85,18 +86,16 @@ impl Modify for RateLimited {
         let seconds = ObjectBuilder::new()
             .schema_type(Type::Integer)
             .minimum(Some(1));
+        let retry_after = HeaderBuilder::new()
+            .schema(Some(seconds))
+            .description(Some("Seconds to wait before the next request"))
+            .build();
         let response = ResponseBuilder::new()
             .description(
                 "The client's rate limit is spent (ONKOS_RATE_LIMIT_PER_SECOND, per bearer token); \
                  retry after the seconds Retry-After gives",
             )
-            .header(
-                "Retry-After",
-                HeaderBuilder::new()
-                    .schema(Some(seconds))
-                    .description(Some("Seconds to wait before the next request"))
-                    .build(),
-            )
+            .header("Retry-After", retry_after.clone())
             .content(
                 crate::error::PROBLEM_JSON,
                 Content::new(Some(Ref::from_schema_name("Problem"))),
@@ -114,10 +113,13 @@ impl Modify for RateLimited {
                 &mut item.patch,
             ];
             for operation in operations.into_iter().flatten() {
-                operation
-                    .responses
-                    .responses
-                    .insert("429".into(), RefOr::T(response.clone()));
+                let responses = &mut operation.responses.responses;
+                if let Some(RefOr::T(unavailable)) = responses.get_mut("503") {
+                    unavailable
+                        .headers
+                        .insert("Retry-After".into(), RefOr::T(retry_after.clone()));
+                }
+                responses.insert("429".into(), RefOr::T(response.clone()));
             }
         }
     }

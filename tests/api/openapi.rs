@@ -37,6 +37,12 @@ async fn every_documented_response_has_a_description_and_errors_are_problems() {
                         .is_some_and(|d| !d.is_empty()),
                     "{method} {path} {status}"
                 );
+                if matches!(status.as_str(), "429" | "503") && !path.ends_with("readyz") {
+                    assert!(
+                        response["headers"]["Retry-After"].is_object(),
+                        "{method} {path} {status} does not declare Retry-After"
+                    );
+                }
                 if status.starts_with('4') || status.starts_with('5') {
                     let problem = &response["content"]["application/problem+json"];
                     assert!(
