@@ -46,7 +46,7 @@ use utoipa::{Modify, OpenApi};
         crate::http::metrics::metrics
     ),
     components(schemas(crate::error::Problem, crate::domain::contract::FieldError, analyses::BatchAccepted)),
-    modifiers(&BearerAuth, &RateLimited),
+    modifiers(&BearerAuth, &RetryAfter),
     tags(
         (name = "analyses", description = "Submit analyses and read their results"),
         (name = "models", description = "The model catalogue: cards, input contracts, versions"),
@@ -75,11 +75,11 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Every `/v1` operation may answer 429 when the client's rate limit is spent; both it and the
-/// 503s operations declare carry Retry-After.
-struct RateLimited;
+/// Retry-After where onkos sends it: every `/v1` operation may answer 429 when the client's rate
+/// limit is spent, and the 503s that operations declare carry it too.
+struct RetryAfter;
 
-impl Modify for RateLimited {
+impl Modify for RetryAfter {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::header::HeaderBuilder;
         use utoipa::openapi::{Content, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
