@@ -45,7 +45,7 @@ PSQL=("$PGBIN/psql" -h "$SOCKET" -U onkos -d onkos -qAt)
 echo "insert into bench_insert (v) values ('x');" > "$DATA/insert.sql"
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-: > "$DATA/onkos" ; : > "$DATA/p50" ; : > "$DATA/p99" ; : > "$DATA/pg" ; : > "$DATA/ort"
+: > "$DATA/onkos" ; : > "$DATA/lines" ; : > "$DATA/p50" ; : > "$DATA/p99" ; : > "$DATA/pg" ; : > "$DATA/ort"
 for round in $(seq "$ROUNDS"); do
   # Each part starts from a checkpoint, so that neither is measured while the checkpoint that the
   # other's writes triggered runs beside it (up to a GB of dirty pages written back).
@@ -56,12 +56,20 @@ for round in $(seq "$ROUNDS"); do
   line=$(wrk -t2 -c"$CLIENTS" -d"${DURATION}s" --timeout 60s -s tests/bench/submit.lua \
     "http://127.0.0.1:$PORT/v1/analyses?wait=30s" | grep '^RESULT')
   echo "round $round: $line pgbench_tps=$(tail -1 "$DATA/pg")"
+  echo "$line" >> "$DATA/lines"
   sed -E 's/.*completed_per_s=([0-9.]+).*/\1/' <<<"$line" >> "$DATA/onkos"
   sed -E 's/.*p50_ms=([0-9.]+).*/\1/' <<<"$line" >> "$DATA/p50"
   sed -E 's/.*p99_ms=([0-9.]+).*/\1/' <<<"$line" >> "$DATA/p99"
   "$BIN" bench-inference --model breast-fna-malignancy --batch 64 --seconds 3 >> "$DATA/ort"
 done
 
+# wrk leaves the last round's requests in flight; on the queue path their analyses finish after.
+for _ in $(seq 120); do
+  [ "$("${PSQL[@]}" -c "select count(*) from analyses where status in ('queued', 'running')")" = 0 ] && break
+  sleep 0.5
+done
+not_succeeded=$("${PSQL[@]}" -c "select count(*) from analyses where status <> 'succeeded'")
+errors=$(sed -E 's/.*non_2xx=([0-9]+) socket_errors=([0-9]+).*/\1 \2/' "$DATA/lines" | awk '{s += $1 + $2} END {print s + 0}')
 statuses=$("${PSQL[@]}" -c "select status || '=' || count(*) from analyses group by status order by 1" | tr '\n' ' ')
 provenance=$("${PSQL[@]}" -c "select count(*) || ' records, ' || count(*) filter (where seq is null) || ' not yet sealed' from provenance")
 onkos=$(median < "$DATA/onkos"); pg=$(median < "$DATA/pg"); ort=$(median < "$DATA/ort")
@@ -78,3 +86,8 @@ awk -v o="$onkos" -v p="$pg" -v r="$ort" 'BEGIN {
   printf "ratio onkos / quoted MLServer 1800 inferences/s: %.2f (goal >= 3)\n", o / 1800
   printf "inference share of an analysis at that rate: %.3f%%\n", 100 * o / r
 }'
+# A benchmark of answers that were not results measures nothing.
+if [ "$not_succeeded" != 0 ] || [ "$errors" != 0 ]; then
+  echo "FAILED: $not_succeeded analyses did not succeed, $errors requests were answered with an error or lost"
+  exit 1
+fi
