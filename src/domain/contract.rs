@@ -2,6 +2,7 @@
 //! every offending field named; nothing is silently dropped, filled or coerced.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -305,10 +306,11 @@ pub struct RangeFlag {
 }
 
 /// Features that passed the contract.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ValidFeatures {
-    /// The inputs as given (numbers, level strings), in the model's input order: what is stored.
-    pub canonical: Map<String, Value>,
+    /// The inputs as accepted (numbers, level strings) as canonical JSON text: an object with its
+    /// keys sorted, as serde_json writes a map. Written once, then digested and stored as it is.
+    pub canonical: Box<RawValue>,
     /// The ONNX input row, one value per encoded column.
     pub encoded: Vec<f64>,
     pub outside_training_range: Vec<RangeFlag>,
@@ -616,7 +618,7 @@ impl Manifest {
         features: &Map<String, Value>,
     ) -> Result<ValidFeatures, Vec<FieldError>> {
         let mut errors = Vec::new();
-        let mut canonical = Map::new();
+        let mut accepted: Vec<(&str, Value)> = Vec::with_capacity(self.inputs.len());
         let mut flags = Vec::new();
         let mut known = 0;
         for spec in &self.inputs {
@@ -631,9 +633,9 @@ impl Manifest {
             };
             known += 1;
             match check_value(spec, value) {
-                Ok((accepted, flag)) => {
+                Ok((value, flag)) => {
                     flags.extend(flag);
-                    canonical.insert(spec.name.clone(), accepted);
+                    accepted.push((spec.name.as_str(), value));
                 }
                 Err((rule, message)) => errors.push(FieldError::new(field(), rule, message)),
             }
@@ -658,28 +660,36 @@ impl Manifest {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let encoded = self.encode(&canonical);
-        // serde_json's map keeps its keys sorted (no `preserve_order`): this is the canonical form.
-        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        // Sorted by name as serde_json's map (no `preserve_order`) keeps its keys: the canonical
+        // form, byte for byte what the digests of earlier analyses were taken over.
+        accepted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let encoded = self.encode(&accepted);
+        let canonical = serde_json::value::to_raw_value(&SortedObject(&accepted))
+            .map_err(|e| vec![FieldError::new("features", "unencodable", e.to_string())])?;
+        let digest = hex::encode(Sha256::digest(canonical.get().as_bytes()));
         Ok(ValidFeatures {
             canonical,
             encoded,
             outside_training_range: flags,
-            digest: hex::encode(Sha256::digest(&bytes)),
+            digest,
         })
     }
 
-    /// The ONNX input row for validated inputs.
-    fn encode(&self, canonical: &Map<String, Value>) -> Vec<f64> {
+    /// The ONNX input row for validated inputs (sorted by name).
+    fn encode(&self, accepted: &[(&str, Value)]) -> Vec<f64> {
+        let get = |name: &str| {
+            accepted
+                .binary_search_by(|(k, _)| (*k).cmp(name))
+                .ok()
+                .map(|i| &accepted[i].1)
+        };
         self.encoding
             .iter()
-            .map(
-                |column| match (&column.level, canonical.get(&column.input)) {
-                    (None, Some(v)) => v.as_f64().unwrap_or(f64::NAN),
-                    (Some(level), Some(Value::String(v))) => f64::from(u8::from(v == level)),
-                    _ => f64::NAN,
-                },
-            )
+            .map(|column| match (&column.level, get(&column.input)) {
+                (None, Some(v)) => v.as_f64().unwrap_or(f64::NAN),
+                (Some(level), Some(Value::String(v))) => f64::from(u8::from(v == level)),
+                _ => f64::NAN,
+            })
             .collect()
     }
 
@@ -769,6 +779,20 @@ impl Manifest {
 
 /// Checks one value against its input's rules; a numeric value outside the training range comes
 /// back with a flag.
+/// Name-value pairs, sorted by name and unique, written as one JSON object.
+struct SortedObject<'a>(&'a [(&'a str, Value)]);
+
+impl Serialize for SortedObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
 fn check_value(
     spec: &InputSpec,
     value: &Value,
@@ -967,7 +991,10 @@ mod tests {
         }
         let valid = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": 3})));
         assert_eq!(
-            valid.map(|v| (v.canonical["g"].clone(), v.encoded[3])),
+            valid.map(|v| (
+                serde_json::from_str::<Value>(v.canonical.get()).expect("JSON")["g"].clone(),
+                v.encoded[3]
+            )),
             Ok((json!("III"), 1.0))
         );
         let unknown = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": 4})));
@@ -1010,6 +1037,21 @@ mod tests {
         let one = m.validate_features(&map(json!({"a": 1.5, "b": 0.5, "g": "II"})));
         let two = m.validate_features(&map(json!({"g": "II", "b": 0.5, "a": 1.5})));
         assert_eq!(one.map(|v| v.digest), two.map(|v| v.digest));
+    }
+
+    #[test]
+    fn the_canonical_text_is_the_sorted_object_that_is_digested() {
+        // Inputs out of name order in the manifest; the text must be what serde_json writes for a
+        // map (keys sorted), the form every stored digest was taken over.
+        let mut m = manifest();
+        m.inputs.reverse();
+        let given = json!({"g": "II", "a": 1.5, "b": 0.5});
+        let valid = m.validate_features(&map(given.clone())).expect("valid");
+        let text = serde_json::to_string(&map(given)).expect("JSON");
+        assert_eq!(valid.canonical.get(), text);
+        assert_eq!(valid.canonical.get(), r#"{"a":1.5,"b":0.5,"g":"II"}"#);
+        assert_eq!(valid.digest, hex::encode(Sha256::digest(text.as_bytes())));
+        assert_eq!(valid.encoded, vec![1.5, 0.5, 1.0, 0.0]);
     }
 
     #[test]

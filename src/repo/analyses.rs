@@ -15,7 +15,8 @@ use uuid::Uuid;
 pub struct NewAnalysis {
     pub id: AnalysisId,
     pub subject: Option<String>,
-    pub input: Value,
+    /// The input as the JSON text stored (for feature models, the canonical text its digest is of).
+    pub input: Box<RawValue>,
     pub input_sha256: String,
     pub validate_ms: f64,
     /// Set when the analysis was run while its submitter waited: it is stored finished, with no job.
@@ -76,7 +77,7 @@ pub async fn insert_with_jobs(
     let ids: Vec<Uuid> = rows.iter().map(|(_, a)| a.id.0).collect();
     let subjects: Vec<Option<String>> = rows.iter().map(|(_, a)| a.subject.clone()).collect();
     let batches: Vec<Option<Uuid>> = rows.iter().map(|(s, _)| s.batch_id).collect();
-    let inputs: Vec<JsonText<&Value>> = rows.iter().map(|(_, a)| JsonText(&a.input)).collect();
+    let inputs: Vec<JsonText<&RawValue>> = rows.iter().map(|(_, a)| JsonText(&*a.input)).collect();
     let validate_ms: Vec<f64> = rows.iter().map(|(_, a)| a.validate_ms).collect();
     let finished = |f: &dyn Fn(&Finished) -> DateTime<Utc>| {
         rows.iter()
@@ -170,7 +171,7 @@ pub async fn insert_with_jobs(
         &column(&|s, _| s.model_version.clone()),
         &column(&|s, _| s.model_sha256.clone()),
         &column(&|s, _| s.priority.as_str().to_owned()),
-        &inputs as &[JsonText<&Value>],
+        &inputs as &[JsonText<&RawValue>],
         &column(&|_, a| a.input_sha256.clone()),
         &validate_ms,
         &batches as &[Option<Uuid>],

@@ -354,6 +354,17 @@ async fn inline_and_queued_results_share_one_chain_per_tenant() {
     }
     assert_eq!(a["analysis_id"], inline["id"]);
     assert_eq!(a["input_sha256"], inline["input_sha256"]);
+    // The input is stored as the very text its digest was taken over, on both paths.
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("select input::text, input_sha256 from analyses where tenant_id = 'oslo'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 2);
+    for (input, digest) in &stored {
+        assert_eq!(&sha256_hex(input.as_bytes()), digest, "{input}");
+        assert!(input.starts_with('{') && !input.contains(' '), "{input}");
+    }
     assert_eq!(
         a["result_sha256"],
         json!(sha256_hex(canonical(&inline["result"]).as_bytes()))

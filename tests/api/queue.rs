@@ -533,7 +533,7 @@ async fn a_group_stored_before_its_statement_failed_counts_as_stored() {
     let analysis = |id: AnalysisId| NewAnalysis {
         id,
         subject: None,
-        input: reference_rows()[0]["features"].clone(),
+        input: serde_json::value::to_raw_value(&reference_rows()[0]["features"]).unwrap(),
         input_sha256: "1".repeat(64),
         validate_ms: 0.0,
         finished: None,

@@ -554,9 +554,7 @@ async fn prepare_slide(
     }
     let input = json!({"slide": slide.id, "mpp": mpp, "mpp_source": source});
     let digest = hex::encode(Sha256::digest(format!("slide:{}:mpp:{mpp}", slide.sha256)));
-    Ok(one_analysis(
-        model, priority, subject, input, digest, started,
-    ))
+    one_analysis(model, priority, subject, &input, digest, started)
 }
 
 /// Body keys that are not among `allowed`, each named as an error.
@@ -578,24 +576,24 @@ fn one_analysis(
     model: Arc<LoadedModel>,
     priority: Priority,
     subject: Option<&str>,
-    input: Value,
+    input: &Value,
     digest: String,
     started: Instant,
-) -> Prepared {
-    Prepared {
+) -> ApiResult<Prepared> {
+    Ok(Prepared {
         model,
         priority,
         batch_id: None,
         analyses: vec![NewAnalysis {
             id: AnalysisId::new(),
             subject: subject.map(str::to_owned),
-            input,
+            input: serde_json::value::to_raw_value(input).map_err(anyhow::Error::from)?,
             input_sha256: digest,
             validate_ms: started.elapsed().as_secs_f64() * 1e3,
             finished: None,
         }],
         row: None,
-    }
+    })
 }
 
 /// `{"model", "slide", "mpp"?, "subject"?, "priority"?}` for a MIL model with an encoder: the
@@ -646,7 +644,10 @@ async fn prepare_bag_of_slide(
     let mut prepared = prepare_slide(state, principal, body, Arc::clone(&encoder)).await?;
     let m = &encoder.manifest;
     for analysis in &mut prepared.analyses {
-        analysis.input["encoder"] = json!({"name": m.name, "version": m.version});
+        let mut input: Value =
+            serde_json::from_str(analysis.input.get()).map_err(anyhow::Error::from)?;
+        input["encoder"] = json!({"name": m.name, "version": m.version});
+        analysis.input = serde_json::value::to_raw_value(&input).map_err(anyhow::Error::from)?;
         analysis.input_sha256 = hex::encode(Sha256::digest(format!(
             "{}:encoder:{}@{}",
             analysis.input_sha256, m.name, m.onnx.sha256
@@ -709,9 +710,7 @@ async fn prepare_bag(
     }
     let input = json!({"embeddings": bag.id});
     let digest = hex::encode(Sha256::digest(format!("embeddings:{}", bag.sha256)));
-    Ok(one_analysis(
-        model, priority, subject, input, digest, started,
-    ))
+    one_analysis(model, priority, subject, &input, digest, started)
 }
 
 /// Checks the JSON envelope and the features, collecting every error.
@@ -870,7 +869,7 @@ fn new_analysis(valid: ValidFeatures, subject: Option<&str>, validate_ms: f64) -
     NewAnalysis {
         id: AnalysisId::new(),
         subject: subject.map(str::to_owned),
-        input: Value::Object(valid.canonical),
+        input: valid.canonical,
         input_sha256: valid.digest,
         validate_ms,
         finished: None,
