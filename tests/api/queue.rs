@@ -562,6 +562,85 @@ async fn a_group_stored_before_its_statement_failed_counts_as_stored() {
     assert_eq!(app.rows("analyses").await, 2);
 }
 
+/// A read whose requester went away (the client disconnected) while it waited for a reader is
+/// not served, so not recorded as a read in the audit trail; the reads queued with it are.
+/// Stepped through a table lock, no timing: both readers are held on the audit table while one
+/// read is queued and abandoned and another queued and kept.
+#[tokio::test]
+async fn an_abandoned_grouped_read_is_not_audited() {
+    use futures_util::FutureExt;
+    use onkos::domain::ids::{AnalysisId, TenantId};
+    use onkos::jobs::reads::Reads;
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    let id = app.submit(&token, &reference_rows()[0]["features"]).await;
+    let analysis = AnalysisId(id.parse().unwrap());
+    let tenant = TenantId::parse("oslo").unwrap();
+    let reads = Reads::start(app.pool.clone());
+    let waiting_on_locks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let until_waiting = |n: i64| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while waiting_on_locks().await < n {
+            assert!(
+                Instant::now() < deadline,
+                "the readers did not reach the lock"
+            );
+            tokio::task::yield_now().await;
+        }
+    };
+
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("lock table audit_events in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // Each reader takes one read and waits on the lock.
+    let first = tokio::spawn({
+        let (reads, tenant) = (reads.clone(), tenant.clone());
+        async move { reads.find(&tenant, analysis, "first").await }
+    });
+    until_waiting(1).await;
+    let second = tokio::spawn({
+        let (reads, tenant) = (reads.clone(), tenant.clone());
+        async move { reads.find(&tenant, analysis, "second").await }
+    });
+    until_waiting(2).await;
+    // Polled once: queued (the channel has room), then dropped before any reader is free.
+    assert!(
+        reads
+            .find(&tenant, analysis, "abandoned")
+            .now_or_never()
+            .is_none()
+    );
+    let kept = tokio::spawn({
+        let (reads, tenant) = (reads.clone(), tenant.clone());
+        async move { reads.find(&tenant, analysis, "kept").await }
+    });
+    lock.commit().await.unwrap();
+
+    for read in [first, second, kept] {
+        let record = read.await.unwrap().unwrap().expect("the analysis");
+        assert_eq!(record.id.to_string(), id);
+    }
+    let mut actors: Vec<String> = sqlx::query_scalar(
+        "select actor from audit_events where action = 'analysis.read' and target_id = $1",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    actors.sort();
+    assert_eq!(actors, ["first", "kept", "second"]);
+}
+
 #[tokio::test]
 async fn a_job_whose_worker_died_is_retried_alone_so_a_poison_input_cannot_sink_its_batch() {
     let app = TestApp::spawn().await;
