@@ -335,7 +335,17 @@ async fn run_inline(
 /// The stored form of an analysis that was stored finished, with its result as the text it was
 /// stored as (moved, not copied).
 fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRecord {
-    let finished = analysis.finished;
+    let (created_at, started_at, finished_at, provider, timings, result) = match analysis.finished {
+        Some(f) => (
+            f.created_at,
+            Some(f.started_at),
+            Some(f.finished_at),
+            Some(f.execution_provider),
+            Some(f.timings),
+            Some(sqlx::types::Json(f.result)),
+        ),
+        None => (Utc::now(), None, None, None, None, None),
+    };
     AnalysisRecord {
         id: analysis.id.0,
         subject: analysis.subject,
@@ -347,15 +357,15 @@ fn finished_record(submission: &Submission, analysis: NewAnalysis) -> AnalysisRe
         input_sha256: analysis.input_sha256,
         error: None,
         validate_ms: analysis.validate_ms,
-        created_at: finished.as_ref().map_or_else(Utc::now, |f| f.created_at),
-        started_at: finished.as_ref().map(|f| f.started_at),
-        finished_at: finished.as_ref().map(|f| f.finished_at),
+        created_at,
+        started_at,
+        finished_at,
         batch_id: submission.batch_id,
-        execution_provider: finished.as_ref().map(|f| f.execution_provider.clone()),
+        execution_provider: provider,
         progress_done: None,
         progress_total: None,
-        timings: finished.as_ref().map(|f| f.timings.clone()),
-        result: finished.map(|f| sqlx::types::Json(f.result)),
+        timings,
+        result,
     }
 }
 
