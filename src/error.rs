@@ -63,12 +63,24 @@ pub fn database_unreachable(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         // SQLSTATE class 08 (connection exception), 53 (insufficient resources: disk full, out of
         // memory, too many connections), 57 (operator intervention: shutdown, crash recovery,
-        // "cannot connect now") and 58 (system error: the server's own files or I/O).
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            ["08", "53", "57", "58"]
-                .iter()
-                .any(|class| c.starts_with(class))
-        }),
+        // "cannot connect now") and 58 (system error: the server's own files or I/O). And any
+        // error the server sent as FATAL: it ends the session, so it is about the connection,
+        // not a query. A database closed to connections (`ALLOW_CONNECTIONS false`, SQLSTATE
+        // 55000, whose class also holds query errors) is refused that way.
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| {
+                ["08", "53", "57", "58"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
+            }) || db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|e| {
+                    matches!(
+                        e.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                })
+        }
         _ => false,
     }
 }

@@ -133,3 +133,47 @@ async fn while_the_database_is_gone_requests_are_503_at_once_and_the_process_ser
     .unwrap();
     assert_eq!(reads, [id.clone(), id, again]);
 }
+
+/// A database closed to new connections (`ALLOW_CONNECTIONS false`, as an operator does for
+/// maintenance) refuses each one with a FATAL 55000: the service answers 503 with a Retry-After,
+/// as for any outage, not 500; and serves again once the database is opened.
+#[tokio::test]
+async fn a_database_closed_to_connections_is_an_outage_not_an_error() {
+    use sqlx::Connection;
+    let (options, url) = fresh_database_options().await;
+    let name = options.get_database().unwrap().to_owned();
+    let pool = onkos::db::pool(options.clone(), 4).await.unwrap();
+    let app = TestApp::spawn_on(pool, url, |_| {}).await;
+    let token = app.token("oslo", "submitter");
+    assert_eq!(app.get("/v1/analyses", &token).await.status(), 200);
+    let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .unwrap();
+    let allow = |on: bool| format!("alter database {name} allow_connections {on}");
+    sqlx::query(sqlx::AssertSqlSafe(allow(false)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // The pool's connections are cut, so every request needs a new one.
+    sqlx::query(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = $1 and pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let list = app.get("/v1/analyses", &token).await;
+    assert_eq!(list.headers()["retry-after"], "2");
+    assert_problem(list, 503).await;
+    let submitted = app.post_json("/v1/analyses", &token, &case()).await;
+    assert_problem(submitted, 503).await;
+
+    sqlx::query(sqlx::AssertSqlSafe(allow(true)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let list = app.get_json("/v1/analyses", &token).await;
+    assert_eq!(list["items"], json!([]), "{list}");
+}
