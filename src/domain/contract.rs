@@ -777,8 +777,6 @@ impl Manifest {
     }
 }
 
-/// Checks one value against its input's rules; a numeric value outside the training range comes
-/// back with a flag.
 /// Name-value pairs, sorted by name and unique, written as one JSON object.
 struct SortedObject<'a>(&'a [(&'a str, Value)]);
 
@@ -793,6 +791,8 @@ impl Serialize for SortedObject<'_> {
     }
 }
 
+/// Checks one value against its input's rules; a numeric value outside the training range comes
+/// back with a flag.
 fn check_value(
     spec: &InputSpec,
     value: &Value,
