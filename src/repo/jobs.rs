@@ -46,7 +46,8 @@ pub async fn claim(
         ClaimedJob,
         r#"with head as (
                select analysis_id, model_name, state, batchable from jobs
-               where ((state = 'queued' and run_after <= now())
+               where open
+                 and ((state = 'queued' and run_after <= now())
                       or (state = 'running' and lease_expires_at < now() and attempts < max_attempts))
                  and ($4::text is null or model_name = $4)
                order by priority, enqueued_at, analysis_id
@@ -56,7 +57,7 @@ pub async fn claim(
                -- A job whose worker died may be what killed it: it runs alone, so that a poison
                -- input cannot take a whole batch to the dead letter with it.
                select analysis_id from jobs
-               where model_name = (select model_name from head)
+               where open and model_name = (select model_name from head)
                  and (select state from head) = 'queued'
                  and (select batchable from head) and batchable
                  and state = 'queued' and run_after <= now()
@@ -318,7 +319,7 @@ pub async fn depth(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String,
     Ok(sqlx::query!(
         r#"select state as "state!", case priority when 0 then 'stat' else 'routine' end as "priority!",
                   count(*) as "count!"
-           from jobs where state in ('queued', 'running') group by 1, 2"#
+           from jobs where open group by 1, 2"#
     )
     .fetch_all(db)
     .await?

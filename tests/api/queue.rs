@@ -562,6 +562,31 @@ async fn a_group_stored_before_its_statement_failed_counts_as_stored() {
     assert_eq!(app.rows("analyses").await, 2);
 }
 
+/// A claim (queued -> running) is a HOT update: the job's new version stays on its page and no
+/// index gets a new entry. `state` was in the claim indexes' predicates, so no claim was.
+#[tokio::test]
+async fn a_claim_adds_no_index_entries() {
+    let app = TestApp::spawn().await;
+    let token = app.token("oslo", "submitter");
+    for row in reference_rows().iter().take(4) {
+        app.submit(&token, &row["features"]).await;
+    }
+    let mut tx = app.pool.begin().await.unwrap();
+    let claimed = onkos::repo::jobs::claim(&mut *tx, uuid::Uuid::new_v4(), 10, 30.0, None)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let (updated, hot): (i64, i64) = sqlx::query_as(
+        "select pg_stat_get_xact_tuples_updated('jobs'::regclass),
+                pg_stat_get_xact_tuples_hot_updated('jobs'::regclass)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!((updated, hot), (4, 4));
+    tx.rollback().await.unwrap();
+}
+
 /// A read whose requester went away (the client disconnected) while it waited for a reader is
 /// not served, so not recorded as a read in the audit trail; the reads queued with it are.
 /// Stepped through a table lock, no timing: both readers are held on the audit table while one
