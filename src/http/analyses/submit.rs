@@ -136,7 +136,7 @@ pub async fn create(
             };
             match model {
                 Some(Ok(model)) if model.manifest.slide.is_some() => {
-                    prepare_slide(&state, &principal, &body, model).await?
+                    prepare_slide(&state, &principal, &body, model, None).await?
                 }
                 Some(Ok(model)) if model.manifest.mil.is_some() && body.contains_key("slide") => {
                     prepare_bag_of_slide(&state, &principal, &body, model).await?
@@ -460,11 +460,15 @@ fn priority_of(body: &Map<String, Value>) -> Result<Priority, FieldError> {
 /// tenant's, tiled, and of known resolution — from its file, or stated as `mpp` when the file
 /// states none. A stated `mpp` that contradicts the file is refused: a grid at the wrong
 /// resolution would measure the wrong thing.
+///
+/// With `mil`, the analysis is that MIL model's, from this slide: `model` is then the encoder that
+/// cuts and embeds the tiles, and the input names its version.
 async fn prepare_slide(
     state: &AppState,
     principal: &Principal,
     body: &Map<String, Value>,
     model: Arc<LoadedModel>,
+    mil: Option<Arc<LoadedModel>>,
 ) -> ApiResult<Prepared> {
     let started = Instant::now();
     let spec = model
@@ -562,9 +566,21 @@ async fn prepare_slide(
             ),
         ));
     }
-    let input = json!({"slide": slide.id, "mpp": mpp, "mpp_source": source});
-    let digest = hex::encode(Sha256::digest(format!("slide:{}:mpp:{mpp}", slide.sha256)));
-    one_analysis(model, priority, subject, &input, digest, started)
+    let mut input = json!({"slide": slide.id, "mpp": mpp, "mpp_source": source});
+    let mut digest = hex::encode(Sha256::digest(format!("slide:{}:mpp:{mpp}", slide.sha256)));
+    let recorded_under = match mil {
+        Some(mil) => {
+            let m = &model.manifest;
+            input["encoder"] = json!({"name": m.name, "version": m.version});
+            digest = hex::encode(Sha256::digest(format!(
+                "{digest}:encoder:{}@{}",
+                m.name, m.onnx.sha256
+            )));
+            mil
+        }
+        None => model,
+    };
+    one_analysis(recorded_under, priority, subject, &input, digest, started)
 }
 
 /// Body keys that are not among `allowed`, each named as an error.
@@ -651,20 +667,7 @@ async fn prepare_bag_of_slide(
             ));
         }
     };
-    let mut prepared = prepare_slide(state, principal, body, Arc::clone(&encoder)).await?;
-    let m = &encoder.manifest;
-    for analysis in &mut prepared.analyses {
-        let mut input: Value =
-            serde_json::from_str(analysis.input.get()).map_err(anyhow::Error::from)?;
-        input["encoder"] = json!({"name": m.name, "version": m.version});
-        analysis.input = serde_json::value::to_raw_value(&input).map_err(anyhow::Error::from)?;
-        analysis.input_sha256 = hex::encode(Sha256::digest(format!(
-            "{}:encoder:{}@{}",
-            analysis.input_sha256, m.name, m.onnx.sha256
-        )));
-    }
-    prepared.model = model;
-    Ok(prepared)
+    prepare_slide(state, principal, body, encoder, Some(model)).await
 }
 
 /// `{"model", "embeddings", "subject"?, "priority"?}` for a MIL model: the bag must be the
